@@ -1,0 +1,176 @@
+"""Sampling transforms for the generation loop: one static config, one pure ``sample`` function.
+
+Given the model's next-token logits ``z`` [B, V] (f32) the sampler draws from
+
+    greedy (temperature == 0):  argmax_v z_v
+    otherwise:                  p(v) ∝ exp(z_v / T) restricted to the kept set K, where K is cut, in order, by
+        top-k:  the k largest logits                       (``lax.top_k``: a partial sort, no full-vocab sort)
+        top-p:  the smallest prefix of the descending order whose mass reaches p: token j (descending) is kept
+                iff  sum_{i<j} p_i < top_p  (transformers' TopPLogitsWarper; the top token always stays)
+        min-p:  tokens with p_v >= min_p * max_u p_u       (a threshold against the max, no sort)
+
+and, while fewer than ``min_new_tokens`` tokens were generated, stop tokens are excluded (their logits are
+set to -inf before everything else, as transformers' MinNewTokensLengthLogitsProcessor does).
+
+For every draw it returns the token, its log-probability under the distribution it was drawn from (for greedy:
+the log-softmax of the unscaled logits, as vLLM reports it), and its *raw* log-probability
+``z_v - logsumexp(z)`` under the untruncated temperature-1 model distribution: the quantity a training forward
+pass recomputes (PPO's ``old_logprobs``). Only the greedy, plain-temperature and min-p paths are sort-free;
+top-p without top-k sorts the full vocabulary, as it must.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample; frozen and hashable (a static argument of the jitted generator).
+
+    max_new_tokens: tokens generated per row (the token buffer is [B*n, max_new_tokens]).
+    temperature:    0.0 = greedy; otherwise logits are divided by it.
+    top_k:          0 = off; keep the k most likely tokens.
+    top_p:          1.0 = off; nucleus sampling.
+    min_p:          0.0 = off; keep tokens at least ``min_p`` times as likely as the most likely one.
+    min_new_tokens: stop tokens cannot be sampled before this many tokens were generated.
+    stop_token_ids: tokens that end a row (the stop token itself is kept and masked valid);
+                    ``None`` = the model's ``eos_token_ids``.
+    n:              samples per prompt; rows ``b*n .. b*n+n-1`` of the result belong to prompt ``b``.
+    pad_token_id:   filler after a row stopped; ``None`` = the model's pad token (or 0).
+    """
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    min_new_tokens: int = 0
+    stop_token_ids: tuple[int, ...] | None = None
+    n: int = 1
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.stop_token_ids is not None:
+            ids = (self.stop_token_ids,) if isinstance(self.stop_token_ids, int) else self.stop_token_ids
+            object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(
+                f"SamplingConfig.max_new_tokens must be a positive int, got {self.max_new_tokens!r}"
+            )
+        if self.temperature < 0 or not math.isfinite(self.temperature):
+            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingConfig.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p < 1.0:
+            raise ValueError(f"SamplingConfig.min_p must be in [0, 1), got {self.min_p}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"SamplingConfig.min_new_tokens={self.min_new_tokens} must be in [0, max_new_tokens="
+                f"{self.max_new_tokens}]"
+            )
+        if self.n < 1:
+            raise ValueError(f"SamplingConfig.n must be >= 1, got {self.n}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x [B, C], idx [B] -> x[b, idx[b]]."""
+    return jnp.take_along_axis(x, idx[:, None], axis=-1)[:, 0]
+
+
+def _log_prob(logits: jax.Array, idx: jax.Array) -> jax.Array:
+    """log softmax(logits)[idx] without materialising the [B, C] log-softmax."""
+    return _gather(logits, idx) - jax.nn.logsumexp(logits, axis=-1)
+
+
+def _stop_mask(vocab: int, stop_ids: tuple[int, ...]) -> np.ndarray:
+    m = np.zeros((vocab,), bool)
+    m[[i for i in stop_ids if 0 <= i < vocab]] = True
+    return m
+
+
+def sample(
+    logits: jax.Array,
+    rng: jax.Array,
+    cfg: SamplingConfig,
+    *,
+    stop_ids: tuple[int, ...] = (),
+    allow_stop: jax.Array | bool = True,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Draw one token per row.
+
+    Args:
+      logits: [B, V] next-token logits (cast to f32 here).
+      rng: a PRNG key; rows draw independently.
+      cfg: the sampling config (static).
+      stop_ids: the stop tokens (static), needed only when ``cfg.min_new_tokens > 0``.
+      allow_stop: scalar or [B] bool; False excludes the stop tokens (min_new_tokens not reached yet).
+    Returns:
+      tokens [B] int32, logprobs [B] f32 (sampling distribution), raw_logprobs [B] f32 (model, T=1).
+    """
+    logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    masked = logits
+    if cfg.min_new_tokens > 0 and stop_ids:
+        is_stop = jnp.asarray(_stop_mask(vocab, stop_ids))
+        allow = jnp.broadcast_to(jnp.asarray(allow_stop), logits.shape[:1])
+        masked = jnp.where(is_stop[None, :] & ~allow[:, None], -jnp.inf, logits)
+
+    if cfg.greedy:
+        tokens = jnp.argmax(masked, axis=-1).astype(jnp.int32)
+        logprobs = _log_prob(masked, tokens)
+    else:
+        cand, ids = candidates(masked, cfg)
+        idx = jax.random.categorical(rng, cand, axis=-1).astype(jnp.int32)
+        logprobs = _log_prob(cand, idx)
+        tokens = idx if ids is None else _gather(ids, idx).astype(jnp.int32)
+    raw_logprobs = _log_prob(logits, tokens)
+    return tokens, logprobs, raw_logprobs
+
+
+def candidates(logits: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array | None]:
+    """The truncated, temperature-scaled logits to draw from.
+
+    Returns ``(cand [B, C], ids [B, C] | None)``: ``ids`` maps candidate columns to vocabulary ids when the
+    candidates are a top-k / sorted subset (C = k, or V for top-p alone); ``None`` means C = V in vocab order.
+    Excluded candidates hold -inf, so ``softmax(cand)`` is exactly the sampling distribution.
+    """
+    vocab = logits.shape[-1]
+    scaled = logits / jnp.float32(cfg.temperature)
+    ids = None
+    if 0 < cfg.top_k < vocab:
+        scaled, ids = jax.lax.top_k(scaled, cfg.top_k)  # sorted descending
+    elif cfg.top_p < 1.0:
+        scaled, ids = jax.lax.top_k(scaled, vocab)  # top-p needs the full descending order
+    if cfg.top_p < 1.0:
+        probs = jax.nn.softmax(scaled, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep = mass_before < jnp.float32(cfg.top_p)
+        scaled = jnp.where(keep, scaled, -jnp.inf)
+    if cfg.min_p > 0.0:
+        threshold = jnp.max(scaled, axis=-1, keepdims=True) + jnp.float32(math.log(cfg.min_p))
+        scaled = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    return scaled, ids
+
+
+def sampling_probs(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """The full [B, V] sampling distribution (for tests and diagnostics; sorts/scatters, not for the loop)."""
+    logits = logits.astype(jnp.float32)
+    if cfg.greedy:
+        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    cand, ids = candidates(logits, cfg)
+    p = jax.nn.softmax(cand, axis=-1)
+    if ids is None:
+        return p
+    return jnp.zeros_like(logits).at[jnp.arange(logits.shape[0])[:, None], ids].set(p)
