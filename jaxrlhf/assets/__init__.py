@@ -1,0 +1,1 @@
+"""Bundled data (``jaxrlhf/assets/tiny``: the tiny task of the embedded default)."""
