@@ -1,0 +1,438 @@
+"""The rollout engine: jitted prefill + ``lax.while_loop`` decode over a static KV cache.
+
+``generate(spec, params, prompt_ids, prompt_mask, rng, SamplingConfig(...))`` is one jitted computation:
+
+  1. prompts are left-aligned (any padding layout in, left padding out), repeated ``n`` times, and the
+     prompt width is padded on the left to a bucket (:func:`bucket_length`), so a run compiles few shapes;
+  2. prefill: decoder-only models write the KV cache of all prompt tokens but the last in one forward call
+     (its logits are never materialised); T5 runs its encoder once and caches the cross-attention K/V;
+  3. decode: a ``lax.while_loop`` over a state struct feeds one token per row (the last prompt token, or
+     T5's decoder start token, then each sampled token), samples the next one (:mod:`jaxrlhf._sampling`)
+     and writes it into a static ``[B, N_bucket]`` buffer, while ``step < max_new_tokens & ~all(done)``.
+     The cache ``[B, S, K, D]`` is updated in place by ``dynamic_update_slice`` inside the model.
+
+Positions of generated tokens continue the prompt's ``cumsum(mask) - 1``, so a training forward pass over
+``prompt ++ completion`` (:meth:`GenerateResult.sequences`) reproduces ``raw_logprobs`` exactly.
+
+Generation length is bucketed too: the buffer holds ``bucket_length(max_new_tokens)`` slots while the loop
+bound is a traced scalar, so ``max_new_tokens`` 100 and 120 share one executable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from jaxrlhf import sharding
+from jaxrlhf._sampling import SamplingConfig, candidates, sample, sampling_probs
+from jaxrlhf.models.spec import ModelSpec
+
+__all__ = [
+    "DecodeState",
+    "GenerateResult",
+    "SamplingConfig",
+    "bucket_length",
+    "candidates",
+    "decode_loop",
+    "generate",
+    "sample",
+    "sampling_probs",
+    "stream",
+]
+
+StepFn = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
+def bucket_length(n: int, minimum: int = 8) -> int:
+    """Round a length up to a compile bucket: powers of two up to 1024, then multiples of 512."""
+    if n <= 1024:
+        return max(minimum, 1 << max(0, int(n - 1).bit_length()))
+    return -(-n // 512) * 512
+
+
+class GenerateResult(NamedTuple):
+    """What :func:`generate` returns. R = batch * n rows (row ``b*n + i`` is sample ``i`` of prompt ``b``).
+
+    tokens:       [R, N] int32 generated tokens; ``pad_token_id`` after a row stopped.
+    mask:         [R, N] bool, True for valid tokens: up to and including the first stop token.
+    logprobs:     [R, N] f32 log-prob of each token under the distribution it was drawn from (0 if masked).
+    raw_logprobs: [R, N] f32 ``log_softmax(logits)[token]`` of the model at temperature 1, untruncated:
+                  what a training forward pass over :meth:`sequences` recomputes (0 where masked).
+    lengths:      [R] int32 number of valid tokens.
+    prompt_ids:   [R, P] the prompts as fed to the model (left-aligned, P = the prompt bucket).
+    prompt_mask:  [R, P] their mask.
+    """
+
+    tokens: jax.Array
+    mask: jax.Array
+    logprobs: jax.Array
+    raw_logprobs: jax.Array
+    lengths: jax.Array
+    prompt_ids: jax.Array
+    prompt_mask: jax.Array
+
+    def sequences(self) -> tuple[jax.Array, jax.Array]:
+        """Decoder-only: ``(ids [R, P+N], mask [R, P+N])`` = prompt ++ completion, for a training forward.
+
+        ``models.forward(spec, params, ids, mask).logits[:, P-1:-1]`` scores the completion tokens.
+        """
+        ids = jnp.concatenate([self.prompt_ids, self.tokens], axis=1)
+        mask = jnp.concatenate([self.prompt_mask.astype(bool), self.mask], axis=1)
+        return ids, mask
+
+
+class DecodeState(NamedTuple):
+    """The while-loop carry. B rows, N = token-buffer length."""
+
+    step: jax.Array  # int32 scalar: tokens sampled so far
+    cache: Any  # the model's KV cache
+    next_token: jax.Array  # [B] int32 token fed at this step
+    next_pos: jax.Array  # [B] int32 its position
+    tokens: jax.Array  # [B, N] int32
+    logprobs: jax.Array  # [B, N] f32
+    raw_logprobs: jax.Array  # [B, N] f32
+    done: jax.Array  # [B] bool: emitted a stop token
+    lengths: jax.Array  # [B] int32 valid tokens so far
+    rng: jax.Array
+
+
+def decode_loop(
+    step_fn: StepFn, state: DecodeState, cfg: SamplingConfig, max_new: jax.Array, until: jax.Array
+):
+    """Run ``while step < min(max_new, until) & ~all(done)``: feed, sample, record.
+
+    ``step_fn(cache, tokens [B], positions [B]) -> (logits [B, V], cache)`` is the model; ``cfg`` carries the
+    resolved ``stop_token_ids`` and ``pad_token_id`` (see :func:`_resolve`). Keys are ``fold_in(rng, step)``,
+    so chunked decoding (``until`` < ``max_new``) draws exactly what one long call draws.
+    """
+    stop_ids = cfg.stop_token_ids or ()
+    stop_arr = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+    limit = jnp.minimum(max_new, until)
+    pad = cfg.pad_token_id or 0
+
+    def cond(s: DecodeState):
+        return (s.step < limit) & ~jnp.all(s.done)
+
+    def body(s: DecodeState) -> DecodeState:
+        logits, cache = step_fn(s.cache, s.next_token, s.next_pos)
+        tok, lp, raw = sample(
+            logits,
+            jax.random.fold_in(s.rng, s.step),
+            cfg,
+            stop_ids=stop_ids,
+            allow_stop=s.step >= cfg.min_new_tokens,
+        )
+        active = ~s.done
+        tok = jnp.where(active, tok, pad).astype(jnp.int32)
+        zero = jnp.zeros_like(lp)
+        write = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype), (0, s.step))
+        stopped = active & jnp.any(tok[:, None] == stop_arr[None, :], axis=-1) if stop_ids else s.done
+        return DecodeState(
+            step=s.step + 1,
+            cache=cache,
+            next_token=tok,
+            next_pos=s.next_pos + 1,
+            tokens=write(s.tokens, tok),
+            logprobs=write(s.logprobs, jnp.where(active, lp, zero)),
+            raw_logprobs=write(s.raw_logprobs, jnp.where(active, raw, zero)),
+            done=s.done | stopped,
+            lengths=s.lengths + active.astype(jnp.int32),
+            rng=s.rng,
+        )
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+# ---------------------------------------------------------------------------------------------- model glue
+
+
+@dataclasses.dataclass(frozen=True)
+class _Model:
+    """Static model options of one generator (hashable: part of the jit cache key)."""
+
+    spec: ModelSpec
+    lora_config: Any = None
+    compute_dtype: Any = None
+    cache_dtype: Any = None
+    attention_impl: str = "plain"
+    mesh: Mesh | None = None
+
+
+def _constrain(x: jax.Array, names: tuple, mesh: Mesh | None) -> jax.Array:
+    if mesh is None or mesh.size == 1:
+        return x
+    spec = sharding.logical_to_spec(names, mesh, x.shape)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _constrain_cache(cache: Any, mesh: Mesh | None) -> Any:
+    """KV caches [B, S, K, D] over (batch, -, kv heads, -); everything else batch-major or replicated."""
+
+    def one(x):
+        if x.ndim == 4:
+            return _constrain(x, ("batch", "cache_length", "act_kv_heads", None), mesh)
+        if x.ndim >= 1:
+            return _constrain(x, ("batch",) + (None,) * (x.ndim - 1), mesh)
+        return x
+
+    return jax.tree.map(one, cache)
+
+
+def _forward_kw(m: _Model, lora: Any) -> dict:
+    return dict(
+        lora=lora, lora_config=m.lora_config, compute_dtype=m.compute_dtype, attention_impl=m.attention_impl
+    )
+
+
+def _make_step_fn(m: _Model, params: Any, lora: Any) -> StepFn:
+    from jaxrlhf import models
+
+    def step_fn(cache, tokens, positions):
+        ids = tokens[:, None]
+        ones = jnp.ones_like(ids, dtype=jnp.int32)
+        if m.spec.is_encoder_decoder:
+            out = models.forward(
+                m.spec, params, None, None, decoder_input_ids=ids, decoder_attention_mask=ones, cache=cache,
+                **_forward_kw(m, lora),
+            )  # fmt: skip
+        else:
+            out = models.forward(
+                m.spec, params, ids, ones, positions=positions[:, None], cache=cache, **_forward_kw(m, lora)
+            )
+        return out.logits[:, -1].astype(jnp.float32), _constrain_cache(out.cache, m.mesh)
+
+    return step_fn
+
+
+def _cache_dtype(m: _Model, params: Any):
+    if m.cache_dtype is not None:
+        return m.cache_dtype
+    if m.compute_dtype is not None:
+        return m.compute_dtype
+    return jax.tree.leaves(params)[0].dtype
+
+
+def _left_align(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Roll each row right so its last real token sits in the last column (right/left padding -> left)."""
+    width = ids.shape[1]
+    col = jnp.arange(width)
+    last = jnp.max(jnp.where(mask, col[None, :], -1), axis=1)
+    src = (col[None, :] - ((width - 1) - last)[:, None]) % width
+    return jnp.take_along_axis(ids, src, axis=1), jnp.take_along_axis(mask, src, axis=1)
+
+
+def _prefill(m: _Model, params, ids, mask, rng, lora, cfg: SamplingConfig) -> tuple[DecodeState, tuple]:
+    """Left-align, repeat n times, fill the cache: ``(state before the first decode step, (ids, mask))``."""
+    from jaxrlhf import models
+
+    ids, mask = _left_align(ids.astype(jnp.int32), mask.astype(bool))
+    if cfg.n > 1:
+        ids, mask = jnp.repeat(ids, cfg.n, axis=0), jnp.repeat(mask, cfg.n, axis=0)
+    batch, width = ids.shape
+    ids = _constrain(ids, ("batch", None), m.mesh)
+    mask = _constrain(mask, ("batch", None), m.mesh)
+    n_buf = cfg.max_new_tokens
+    dtype = _cache_dtype(m, params)
+    if m.spec.is_encoder_decoder:
+        from jaxrlhf.models import t5
+
+        lkw = dict(lora=lora, lora_config=m.lora_config)
+        enc = t5.encode(
+            m.spec, params, ids, mask, compute_dtype=m.compute_dtype, attention_impl=m.attention_impl, **lkw
+        )
+        cache = t5.init_cache(m.spec, batch, n_buf, dtype, enc, mask, params, **lkw)
+        start = m.spec.decoder_start_token_id or 0
+        next_token = jnp.full((batch,), start, jnp.int32)
+        next_pos = jnp.zeros((batch,), jnp.int32)
+    else:
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+        cache = _constrain_cache(models.init_cache(m.spec, batch, width + n_buf, dtype), m.mesh)
+        if width > 1:
+            out = models.forward(
+                m.spec, params, ids[:, :-1], mask[:, :-1].astype(jnp.int32), positions=positions[:, :-1],
+                cache=cache, **_forward_kw(m, lora),
+            )  # fmt: skip
+            cache = out.cache  # logits of the prefill are unused: XLA drops the LM head here
+        next_token, next_pos = ids[:, -1], positions[:, -1]
+    cache = _constrain_cache(cache, m.mesh)
+    buf = lambda dt: _constrain(jnp.zeros((batch, n_buf), dt), ("batch", None), m.mesh)
+    state = DecodeState(
+        step=jnp.zeros((), jnp.int32),
+        cache=cache,
+        next_token=next_token,
+        next_pos=next_pos,
+        tokens=buf(jnp.int32) + jnp.int32(cfg.pad_token_id),
+        logprobs=buf(jnp.float32),
+        raw_logprobs=buf(jnp.float32),
+        done=jnp.zeros((batch,), bool),
+        lengths=jnp.zeros((batch,), jnp.int32),
+        rng=rng,
+    )
+    return state, (ids, mask)
+
+
+def _result(state: DecodeState, ids, mask) -> GenerateResult:
+    valid = jnp.arange(state.tokens.shape[1])[None, :] < state.lengths[:, None]
+    return GenerateResult(state.tokens, valid, state.logprobs, state.raw_logprobs, state.lengths, ids, mask)
+
+
+@functools.partial(jax.jit, static_argnames=("m", "cfg"))
+def _generate_jit(m: _Model, cfg: SamplingConfig, params, ids, mask, rng, max_new, lora) -> GenerateResult:
+    state, (ids, mask) = _prefill(m, params, ids, mask, rng, lora, cfg)
+    state = decode_loop(_make_step_fn(m, params, lora), state, cfg, max_new, max_new)
+    return _result(state, ids, mask)
+
+
+@functools.partial(jax.jit, static_argnames=("m", "cfg"))
+def _prefill_jit(m: _Model, cfg: SamplingConfig, params, ids, mask, rng, lora):
+    return _prefill(m, params, ids, mask, rng, lora, cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("m", "cfg"), donate_argnames=("state",))
+def _decode_jit(
+    m: _Model, cfg: SamplingConfig, params, state: DecodeState, max_new, until, lora
+) -> DecodeState:
+    return decode_loop(_make_step_fn(m, params, lora), state, cfg, max_new, until)
+
+
+# ---------------------------------------------------------------------------------------------- public API
+
+
+def _resolve(spec: ModelSpec, cfg: SamplingConfig) -> SamplingConfig:
+    """Fill model defaults (stop tokens, pad) and bucket the buffer length: the static config of the jit."""
+    stop = cfg.stop_token_ids if cfg.stop_token_ids is not None else tuple(spec.eos_token_ids)
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (spec.pad_token_id or 0)
+    return dataclasses.replace(
+        cfg, max_new_tokens=bucket_length(cfg.max_new_tokens), stop_token_ids=tuple(stop), pad_token_id=pad
+    )
+
+
+def _prepare(spec, params, prompt_ids, prompt_mask, cfg, lora_config, compute_dtype, cache_dtype, impl, mesh):
+    if np.ndim(prompt_ids) != 2:
+        raise ValueError(f"prompt_ids must be [batch, length], got shape {np.shape(prompt_ids)}")
+    if prompt_mask is None:
+        prompt_mask = np.ones(np.shape(prompt_ids), np.int32)
+    if np.shape(prompt_mask) != np.shape(prompt_ids):
+        raise ValueError(
+            f"prompt_mask shape {np.shape(prompt_mask)} != prompt_ids shape {np.shape(prompt_ids)}"
+        )
+    if not isinstance(prompt_mask, jax.Array) or prompt_mask.is_fully_addressable:
+        empty = np.nonzero(np.asarray(prompt_mask).sum(axis=1) == 0)[0]
+        if empty.size:
+            raise ValueError(f"prompt rows {empty.tolist()[:8]} have no tokens (prompt_mask is all zero)")
+    width = np.shape(prompt_ids)[1]
+    pad = bucket_length(width) - width
+    if pad:
+        xp = jnp if isinstance(prompt_ids, jax.Array) else np
+        prompt_ids = xp.pad(prompt_ids, ((0, 0), (pad, 0)))
+        prompt_mask = xp.pad(prompt_mask, ((0, 0), (pad, 0)))
+    m = _Model(spec, lora_config, compute_dtype, cache_dtype, impl, mesh)
+    return m, _resolve(spec, cfg), prompt_ids, prompt_mask
+
+
+def generate(
+    spec: ModelSpec,
+    params: Any,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array | None,
+    rng: jax.Array,
+    cfg: SamplingConfig,
+    *,
+    lora: Any = None,
+    lora_config: Any = None,
+    compute_dtype: Any = None,
+    cache_dtype: Any = None,
+    attention_impl: str = "plain",
+    mesh: Mesh | None = None,
+) -> GenerateResult:
+    """Sample ``cfg.max_new_tokens`` tokens after each prompt; see the module docstring and GenerateResult.
+
+    Args:
+      spec, params: the model (params may be sharded over ``mesh``).
+      prompt_ids: [B, P] int token ids, padded left or right; prompt_mask: [B, P] (1 = token) or None.
+      rng: a PRNG key (unused when greedy).
+      cfg: SamplingConfig (``temperature=0.0`` is greedy).
+      lora, lora_config: generate with adapters (PPO's policy); ``lora=None`` is the base model.
+      compute_dtype: activation dtype of the forward (e.g. bf16); logits and sampling stay f32.
+      cache_dtype: KV-cache dtype (default: compute_dtype, else the params' dtype).
+      mesh: when given, the cache and buffers are sharded batch over (data, fsdp), KV heads over tensor.
+    Returns:
+      GenerateResult with R = B * cfg.n rows and N = cfg.max_new_tokens columns.
+    """
+    m, rcfg, ids, mask = _prepare(
+        spec,
+        params,
+        prompt_ids,
+        prompt_mask,
+        cfg,
+        lora_config,
+        compute_dtype,
+        cache_dtype,
+        attention_impl,
+        mesh,
+    )
+    out = _generate_jit(m, rcfg, params, ids, mask, rng, jnp.int32(cfg.max_new_tokens), lora)
+    n = cfg.max_new_tokens
+    if n == rcfg.max_new_tokens:
+        return out
+    return out._replace(
+        tokens=out.tokens[:, :n],
+        mask=out.mask[:, :n],
+        logprobs=out.logprobs[:, :n],
+        raw_logprobs=out.raw_logprobs[:, :n],
+    )
+
+
+def stream(
+    spec: ModelSpec,
+    params: Any,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array | None,
+    rng: jax.Array,
+    cfg: SamplingConfig,
+    *,
+    chunk: int = 8,
+    lora: Any = None,
+    lora_config: Any = None,
+    compute_dtype: Any = None,
+    cache_dtype: Any = None,
+    attention_impl: str = "plain",
+    mesh: Mesh | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Like :func:`generate` but yields ``(tokens [R, k], mask [R, k])`` numpy chunks as they are decoded.
+
+    Prefill is one jitted call and decoding runs ``chunk`` steps per call of one jitted loop whose state is
+    donated (updated in place); the draws equal :func:`generate`'s for the same rng.
+    """
+    m, rcfg, ids, mask = _prepare(
+        spec,
+        params,
+        prompt_ids,
+        prompt_mask,
+        cfg,
+        lora_config,
+        compute_dtype,
+        cache_dtype,
+        attention_impl,
+        mesh,
+    )
+    state, _ = _prefill_jit(m, rcfg, params, ids, mask, rng, lora)
+    max_new, done_steps = jnp.int32(cfg.max_new_tokens), 0
+    while done_steps < cfg.max_new_tokens:
+        until = min(done_steps + chunk, cfg.max_new_tokens)
+        state = _decode_jit(m, rcfg, params, state, max_new, jnp.int32(until), lora)
+        step = int(state.step)
+        lengths = np.asarray(state.lengths)
+        tokens = np.asarray(state.tokens)[:, done_steps:step]
+        valid = np.arange(done_steps, step)[None, :] < lengths[:, None]
+        yield tokens, valid
+        if step < until:  # every row stopped
+            return
+        done_steps = step
