@@ -1,0 +1,282 @@
+"""``DataConfig`` and ``build_dataset``: files -> rows -> tokenized (and packed) examples, through
+``datasets.map(batched=True)`` with a deterministic fingerprint, so a second run reads the cache.
+
+Bad rows (see :mod:`jaxrlhf.data.errors`) raise :class:`DataError` naming file, row and field, or under
+``on_bad_row="skip"`` are dropped, counted in ``TokenizedDataset.skipped`` and logged. Rows that do not fit
+under ``truncation="drop"`` are dropped and counted the same way whatever ``on_bad_row`` says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any
+
+from jaxrlhf.data.errors import BadRowLog, DataError, check_on_bad_row, logger
+from jaxrlhf.data.formats import (
+    FORMATS,
+    KIND_FORMATS,
+    KINDS,
+    REQUIRED_COLUMNS,
+    TRUNCATIONS,
+    RowError,
+    detect_format,
+    process_row,
+)
+from jaxrlhf.data.packing import length_buckets, pack_examples
+from jaxrlhf.data.sources import load_sources
+
+_VERSION = "jaxrlhf-data-1"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the data is and how to turn it into batches (see ``formats`` for formats and truncation).
+
+    ``format``: None = detect from the columns. ``template``: chat template name / Jinja / ``.jinja`` path
+    (None = the tokenizer's own). ``max_prompt_length``: prompts are cut (from the left) to this first.
+    ``packing``: pack SFT examples into rows of ``max_length``. ``bucket_lengths``: allowed padded lengths
+    of prompt batches (default: powers of two up to the prompt limit). ``eval_split`` or ``eval_fraction``
+    make ``TokenizedDataset.eval``. ``streaming``: read lazily (no cache, no eval_fraction).
+    """
+
+    path: str
+    split: str = "train"
+    format: str | None = None
+    max_length: int = 512
+    max_prompt_length: int | None = None
+    truncation: str = "left"
+    template: str | None = None
+    packing: bool = False
+    batch_size: int = 8
+    seed: int = 0
+    shuffle: bool = True
+    on_bad_row: str = "error"
+    streaming: bool = False
+    eval_split: str | None = None
+    eval_fraction: float = 0.0
+    bucket_lengths: tuple[int, ...] | None = None
+    decoder_start_token_id: int | None = None
+    num_proc: int | None = None
+    cache_dir: str | None = None
+    shuffle_buffer: int = 10_000
+
+    def __post_init__(self):
+        check_on_bad_row(self.on_bad_row)
+        if self.truncation not in TRUNCATIONS:
+            raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {self.truncation!r}")
+        if self.format is not None and self.format not in FORMATS:
+            raise DataError(f"unknown format {self.format!r}; choose one of {FORMATS}", file=self.path)
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError("max_prompt_length must be smaller than max_length")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError("eval_fraction must be in [0, 1)")
+
+
+@dataclasses.dataclass
+class TokenizedDataset:
+    """Tokenized examples plus what the loader needs to batch them.
+
+    ``data``: ``datasets.Dataset`` (or ``IterableDataset`` when streaming) with list columns per ``kind``
+    (sft: input_ids, loss_mask [, segment_ids, positions when packed]; preference: chosen_/rejected_ ids and
+    masks, margin; prompt: prompt_ids, index; seq2seq: input_ids, labels). ``raw``: the source rows (prompt
+    kind: ``raw[index]`` gives the row, e.g. a reference answer for a reward function).
+    """
+
+    data: Any
+    kind: str
+    format: str
+    pad_token_id: int
+    max_length: int
+    buckets: tuple[int, ...]
+    decoder_start_token_id: int | None = None
+    packed: bool = False
+    skipped: int = 0
+    raw: Any = None
+    eval: TokenizedDataset | None = None
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def _fingerprint(tokenizer, parts: list[Any]) -> str:
+    files = []
+    if os.path.isdir(tokenizer.path):
+        for name in sorted(os.listdir(tokenizer.path)):
+            st = os.stat(os.path.join(tokenizer.path, name))
+            files.append((name, st.st_size, st.st_mtime_ns))
+    sig = [
+        tokenizer.path,
+        files,
+        tokenizer.vocab_size,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        tokenizer.prefix_ids,
+        tokenizer.suffix_ids,
+        tokenizer.chat_template,
+        _VERSION,
+        parts,
+    ]
+    return hashlib.sha256(json.dumps(sig, default=str).encode()).hexdigest()[:32]
+
+
+def _tokenize_source(name, ds, fmt, kind, tokenizer, opts, config, log, offset):
+    columns = list(ds.column_names or [])
+    if columns:
+        need = REQUIRED_COLUMNS[fmt] if not (fmt == "messages" and "conversations" in columns) else ()
+        for col in need:
+            if col not in columns:
+                raise DataError(
+                    f"column missing (columns: {columns}); format {fmt!r} needs {list(need)}",
+                    file=name,
+                    field=col,
+                )
+    skip = config.on_bad_row == "skip"
+    out_cols = {
+        "sft": ("input_ids", "loss_mask"),
+        "preference": (
+            "chosen_input_ids",
+            "chosen_loss_mask",
+            "rejected_input_ids",
+            "rejected_loss_mask",
+            "margin",
+        ),
+        "prompt": ("prompt_ids",),
+        "seq2seq": ("input_ids", "labels"),
+    }[kind]
+
+    def fn(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out: dict[str, list] = {c: [] for c in (*out_cols, "index", "_error")}
+        keys = list(batch)
+        for j, row_index in enumerate(indices):
+            row = {k: batch[k][j] for k in keys}
+            try:
+                example = process_row(row, fmt, kind, tokenizer, opts)
+                error = ""
+            except RowError as e:
+                if not (skip or e.drop):
+                    raise DataError(e.reason, file=name, row=row_index, field=e.field) from None
+                example = {c: (0.0 if c == "margin" else []) for c in out_cols}
+                error = f"{name}, row {row_index}, field {e.field!r}: {e.reason}"
+                if config.streaming:
+                    logger.warning("skipped bad row: %s", error)
+            for c in out_cols:
+                out[c].append(example[c])
+            out["index"].append(offset + row_index)
+            out["_error"].append(error)
+        return out
+
+    kwargs: dict[str, Any] = dict(batched=True, with_indices=True, remove_columns=columns or None)
+    if not config.streaming:
+        kwargs.update(
+            num_proc=config.num_proc,
+            desc=f"tokenizing {os.path.basename(name)}",
+            new_fingerprint=_fingerprint(tokenizer, [ds._fingerprint, fmt, kind, opts]),
+        )
+    mapped = ds.map(fn, **kwargs)
+    if not config.streaming:
+        for error in mapped["_error"]:
+            if error:
+                log.add(error, error.rsplit(": ", 1)[-1].split(" (")[0])
+    return mapped.filter(lambda e: not e, input_columns="_error").remove_columns("_error")
+
+
+def _pack(ds, max_length: int, tokenizer, config):
+    def fn(batch):
+        return pack_examples(batch["input_ids"], batch["loss_mask"], max_length)
+
+    kwargs: dict[str, Any] = dict(batched=True, batch_size=1000, remove_columns=list(ds.column_names or []))
+    if not config.streaming:
+        kwargs.update(
+            new_fingerprint=_fingerprint(tokenizer, [ds._fingerprint, "pack", max_length]),
+            num_proc=config.num_proc,
+        )
+    return ds.map(fn, **kwargs)
+
+
+def build_dataset(config: DataConfig, tokenizer, kind: str, *, split: str | None = None) -> TokenizedDataset:
+    """Load, check, tokenize (and pack) ``config.path`` for a stage of ``kind`` (sft, preference, prompt,
+    seq2seq). Returns a :class:`TokenizedDataset` whose ``eval`` is set by ``eval_split`` / ``eval_fraction``.
+    """
+    import datasets
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown dataset kind {kind!r}; one of {KINDS}")
+    if config.template is not None:
+        from jaxrlhf.data.templates import resolve_template
+
+        tokenizer.chat_template = resolve_template(config.template)
+    split = split or config.split
+    log = BadRowLog(f"{config.path}[{split}]")
+    sources = load_sources(
+        config.path,
+        split,
+        streaming=config.streaming,
+        on_bad_row=config.on_bad_row,
+        cache_dir=config.cache_dir,
+        log=log,
+    )
+    fmt = config.format
+    if fmt is None:
+        columns = list(sources[0][1].column_names or [])
+        fmt = detect_format(columns)
+        if fmt is None:
+            raise DataError(
+                f"cannot detect the format from columns {columns}; set format to one of {FORMATS}",
+                file=sources[0][0],
+            )
+    if fmt not in KIND_FORMATS[kind]:
+        raise DataError(
+            f"format {fmt!r} cannot feed a {kind!r} stage (accepted: {KIND_FORMATS[kind]})", file=config.path
+        )
+    opts = {
+        "max_length": config.max_length,
+        "max_prompt_length": config.max_prompt_length,
+        "truncation": config.truncation,
+    }
+    parts, raws, offset = [], [], 0
+    for name, ds in sources:
+        parts.append(_tokenize_source(name, ds, fmt, kind, tokenizer, opts, config, log, offset))
+        raws.append(ds)
+        if not config.streaming:
+            offset += len(ds)
+    log.report()
+    data = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    raw = raws[0] if len(raws) == 1 else (None if config.streaming else datasets.concatenate_datasets(raws))
+    packed = kind == "sft" and config.packing
+    if packed:
+        data = _pack(data.remove_columns("index"), config.max_length, tokenizer, config)
+    if kind == "prompt":
+        limit = config.max_prompt_length or config.max_length
+        buckets = tuple(config.bucket_lengths or length_buckets(limit))
+    elif kind == "seq2seq":
+        buckets = (config.max_prompt_length or config.max_length, config.max_length)
+    else:
+        buckets = (config.max_length,)
+    start = config.decoder_start_token_id
+    if start is None and kind == "seq2seq":
+        start = tokenizer.pad_token_id
+    result = TokenizedDataset(
+        data=data,
+        kind=kind,
+        format=fmt,
+        pad_token_id=tokenizer.pad_token_id,
+        max_length=config.max_length,
+        buckets=buckets,
+        decoder_start_token_id=start,
+        packed=packed,
+        skipped=log.count,
+        raw=raw,
+    )
+    if split == config.split:
+        if config.eval_split is not None:
+            result.eval = build_dataset(config, tokenizer, kind, split=config.eval_split)
+        elif config.eval_fraction > 0:
+            if config.streaming:
+                raise ValueError("eval_fraction needs a map-style dataset; use eval_split with streaming")
+            parts = data.train_test_split(test_size=config.eval_fraction, seed=config.seed, shuffle=True)
+            result.data = parts["train"]
+            result.eval = dataclasses.replace(result, data=parts["test"], eval=None)
+    return result

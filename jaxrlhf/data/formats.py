@@ -1,0 +1,297 @@
+"""Row formats -> tokenized examples, and the batch dicts that the stages consume.
+
+Formats (detected from the columns by :func:`detect_format`, or named in ``DataConfig.format``):
+
+============================  ========================================================================
+``text``                      ``text`` (continued pre-training: every token after the first is a target)
+``prompt_completion``         ``prompt`` + ``completion`` strings (loss on the completion and its EOS)
+``messages``                  ``messages`` (or ShareGPT ``conversations``): chat through a template,
+                              loss on the assistant tokens (:func:`jaxrlhf.data.templates.tokenize_chat`)
+``preference``                ``chosen`` + ``rejected`` (strings with a ``prompt`` string, or message lists
+                              with an optional ``prompt`` message list), optional ``margin``
+``prompt``                    ``prompt`` only (a string or messages), for PPO / GRPO generation
+``seq2seq``                   ``inputs`` + ``targets`` for encoder-decoder models (T5, UL2)
+============================  ========================================================================
+
+Batches (numpy, from :class:`jaxrlhf.data.Loader`; ``B`` rows, ``T`` = padded length, int32 unless noted):
+
+- SFT: ``input_ids``, ``attention_mask`` (1 = real token), ``loss_mask``, ``positions``, ``segment_ids``
+  ``[B, T]``, right-padded. ``loss_mask[b, t] = 1`` means token ``t`` is a target predicted from the logits at
+  ``t - 1``: ``loss = -sum_t loss_mask[:, t] * log p(input_ids[:, t] | ids[:, :t]) / sum(loss_mask)``. The
+  first token of every example (segment) has ``loss_mask = 0``. ``segment_ids``: 1..k for the k examples
+  packed in a row, 0 on padding; ``positions`` restart at 0 in every segment (unpacked rows: one segment).
+- Preference: ``chosen_input_ids``, ``chosen_attention_mask``, ``chosen_loss_mask`` and the same three
+  ``rejected_*`` ``[B, T]`` (same T for both), ``margin`` float32 ``[B]`` (0 when absent). Loss masks cover
+  the final response only, with the convention above.
+- Prompt: ``prompt_ids``, ``prompt_mask`` ``[B, P]`` left-padded (generation appends on the right; the
+  forward pass derives positions from the mask), ``index`` ``[B]`` (row of the source dataset, to find
+  references for reward functions). ``P`` is the smallest length bucket that fits (see ``packing``).
+- Seq2seq: ``input_ids``, ``attention_mask`` ``[B, S]``; ``decoder_input_ids``, ``decoder_attention_mask``,
+  ``labels``, ``loss_mask`` ``[B, T]``: ``decoder_input_ids = [start] + labels[:-1]`` and the logits at ``t``
+  predict ``labels[:, t]`` (no shift), weighted by ``loss_mask``.
+
+Truncation (``DataConfig.truncation``): ``"left"`` keeps the completion (the last assistant turn, the
+response) whole and cuts the prompt from the left (after the BOS); a row whose completion alone does not fit
+is a bad row. ``"drop"`` skips (and counts) every row that does not fit. ``"error"`` makes it a bad row.
+Prompts are first cut to ``max_prompt_length``. Text rows under ``"left"`` keep their first ``max_length``
+tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxrlhf.data.templates import TemplateError, tokenize_chat, tokenize_chat_prompt
+
+FORMATS = ("text", "prompt_completion", "messages", "preference", "prompt", "seq2seq")
+KINDS = ("sft", "preference", "prompt", "seq2seq")
+TRUNCATIONS = ("left", "drop", "error")
+# formats each kind of dataset accepts (the prompt kind reads the prompt of any prompt-bearing format)
+KIND_FORMATS = {
+    "sft": ("text", "prompt_completion", "messages"),
+    "preference": ("preference",),
+    "prompt": ("prompt", "prompt_completion", "messages", "preference"),
+    "seq2seq": ("seq2seq", "prompt_completion"),
+}
+REQUIRED_COLUMNS = {
+    "text": ("text",),
+    "prompt_completion": ("prompt", "completion"),
+    "messages": ("messages",),
+    "preference": ("chosen", "rejected"),
+    "prompt": ("prompt",),
+    "seq2seq": ("inputs", "targets"),
+}
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "gpt": "assistant",
+    "system": "system",
+    "user": "user",
+    "assistant": "assistant",
+}
+
+
+class RowError(Exception):
+    """A bad row (the caller adds file and row). ``drop``: skipped under every ``on_bad_row`` (truncation)."""
+
+    def __init__(self, reason: str, field: str | None = None, drop: bool = False):
+        super().__init__(reason)
+        self.reason, self.field, self.drop = reason, field, drop
+
+
+def detect_format(columns: list[str]) -> str | None:
+    """The format implied by the column names, or None."""
+    cols = set(columns)
+    if {"chosen", "rejected"} <= cols:
+        return "preference"
+    if "messages" in cols or "conversations" in cols:
+        return "messages"
+    if {"inputs", "targets"} <= cols:
+        return "seq2seq"
+    if {"prompt", "completion"} <= cols:
+        return "prompt_completion"
+    if "prompt" in cols:
+        return "prompt"
+    if "text" in cols:
+        return "text"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- fields
+def _text(row: dict, field: str, allow_empty: bool = False) -> str:
+    value = row.get(field)
+    if value is None:
+        raise RowError("missing value", field)
+    if not isinstance(value, str):
+        raise RowError(f"expected a string, got {type(value).__name__}", field)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RowError(f"invalid UTF-8 text ({e.reason} at character {e.start})", field) from None
+    if not allow_empty and not value.strip():
+        raise RowError("is empty", field)
+    return value
+
+
+def _messages(row: dict, field: str) -> list[dict]:
+    value = row.get(field)
+    if value is None:
+        raise RowError("missing value", field)
+    if not isinstance(value, list) or not value:
+        raise RowError(f"expected a non-empty list of messages, got {type(value).__name__}", field)
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise RowError(f"message {i} is a {type(m).__name__}, expected a dict", field)
+        role, content = m.get("role", m.get("from")), m.get("content", m.get("value"))
+        if role not in _SHAREGPT_ROLES:
+            raise RowError(f"message {i} has unknown role {role!r}", field)
+        if not isinstance(content, str):
+            raise RowError(f"message {i} content must be a string, got {type(content).__name__}", field)
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RowError(f"message {i}: invalid UTF-8 text ({e.reason})", field) from None
+        out.append({"role": _SHAREGPT_ROLES[role], "content": content})
+    return out
+
+
+def _chat(tokenizer, messages: list[dict], field: str, last_turn_only: bool = False):
+    if messages[-1]["role"] == "assistant" and not messages[-1]["content"].strip():
+        raise RowError("the final assistant message is empty", field)
+    try:
+        return tokenize_chat(tokenizer, messages, last_turn_only=last_turn_only)
+    except TemplateError as e:
+        raise RowError(e.reason, field) from None
+    except Exception as e:  # jinja raise_exception(...) and friends
+        raise RowError(f"chat template failed: {e}", field) from None
+
+
+# ------------------------------------------------------------------------------------------ truncation
+def _fit(ids: list[int], mask: list[int], keep: int, opts: dict, field: str) -> tuple[list[int], list[int]]:
+    """Cut ``ids`` from the left after ``keep`` tokens to fit ``max_length``; keep the last masked run."""
+    max_length = opts["max_length"]
+    over = len(ids) - max_length
+    if over <= 0:
+        return ids, mask
+    policy = opts["truncation"]
+    msg = f"{len(ids)} tokens > max_length {max_length}"
+    if policy != "left":
+        raise RowError(msg, field, drop=policy == "drop")
+    last = len(mask) - 1
+    while last >= 0 and not mask[last]:
+        last -= 1
+    first = last
+    while first > 0 and mask[first - 1]:
+        first -= 1
+    if keep + over > first:
+        raise RowError(f"{msg} and the completion alone ({len(ids) - first} tokens) does not fit", field)
+    return ids[:keep] + ids[keep + over :], mask[:keep] + mask[keep + over :]
+
+
+def _cut_prompt(ids: list[int], opts: dict, field: str) -> list[int]:
+    limit = opts.get("max_prompt_length")
+    if limit is None or len(ids) <= limit:
+        return ids
+    if opts["truncation"] != "left":
+        raise RowError(
+            f"prompt has {len(ids)} tokens > max_prompt_length {limit}",
+            field,
+            drop=opts["truncation"] == "drop",
+        )
+    return ids[len(ids) - limit :]
+
+
+def _pair(tokenizer, prompt: str, completion: str, opts: dict, field: str):
+    """Decoder-only (ids, loss_mask): [BOS] prompt completion EOS, loss on completion and EOS."""
+    prefix = list(tokenizer.prefix_ids)
+    p = _cut_prompt(tokenizer.encode(prompt), opts, "prompt") if prompt else []
+    c = tokenizer.encode(completion) + [tokenizer.eos_token_id]
+    ids = prefix + p + c
+    mask = [0] * (len(prefix) + len(p)) + [1] * len(c)
+    return _fit(ids, mask, len(prefix), opts, field)
+
+
+def _finish(ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
+    mask = list(mask)
+    if mask:
+        mask[0] = 0  # nothing predicts the first token
+    if not any(mask):
+        raise RowError("no token to train on after tokenization")
+    return ids, mask
+
+
+# ------------------------------------------------------------------------------------------------- rows
+def process_row(row: dict[str, Any], fmt: str, kind: str, tokenizer, opts: dict) -> dict[str, Any]:
+    """One source row -> one tokenized example (lists of ints). Raises :class:`RowError` on a bad row.
+
+    ``opts``: ``max_length``, ``max_prompt_length`` (or None), ``truncation``.
+    """
+    if kind == "sft":
+        if fmt == "text":
+            text = _text(row, "text")
+            ids = list(tokenizer.prefix_ids) + tokenizer.encode(text) + [tokenizer.eos_token_id]
+            if len(ids) > opts["max_length"]:
+                if opts["truncation"] != "left":
+                    raise RowError(
+                        f"{len(ids)} tokens > max_length {opts['max_length']}",
+                        "text",
+                        drop=opts["truncation"] == "drop",
+                    )
+                ids = ids[: opts["max_length"]]
+            ids, mask = _finish(ids, [1] * len(ids))
+        elif fmt == "prompt_completion":
+            ids, mask = _finish(
+                *_pair(tokenizer, _text(row, "prompt", True), _text(row, "completion"), opts, "completion")
+            )
+        else:
+            field = "messages" if "messages" in row else "conversations"
+            ids, mask = _chat(tokenizer, _messages(row, field), field)
+            ids, mask = _finish(*_fit(ids, mask, len(tokenizer.prefix_ids), opts, field))
+        return {"input_ids": ids, "loss_mask": mask}
+    if kind == "preference":
+        out = {}
+        prompt = row.get("prompt")
+        for side in ("chosen", "rejected"):
+            if isinstance(row.get(side), list) or isinstance(prompt, list):
+                prompt_msgs = _messages(row, "prompt") if prompt is not None else []
+                resp = row.get(side)
+                resp_msgs = (
+                    [{"role": "assistant", "content": _text(row, side)}]
+                    if isinstance(resp, str)
+                    else (_messages(row, side))
+                )
+                ids, mask = _chat(tokenizer, prompt_msgs + resp_msgs, side, last_turn_only=True)
+                ids, mask = _fit(ids, mask, len(tokenizer.prefix_ids), opts, side)
+            else:
+                if prompt is None:
+                    raise RowError("string chosen/rejected need a prompt column", "prompt")
+                ids, mask = _pair(tokenizer, _text(row, "prompt", True), _text(row, side), opts, side)
+            out[f"{side}_input_ids"], out[f"{side}_loss_mask"] = _finish(ids, mask)
+        margin = row.get("margin", 0.0)
+        if margin is None:
+            margin = 0.0
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+            raise RowError(f"expected a number, got {type(margin).__name__}", "margin")
+        out["margin"] = float(margin)
+        return out
+    if kind == "prompt":
+        if fmt == "messages":
+            field = "messages" if "messages" in row else "conversations"
+            value: Any = _messages(row, field)
+        else:
+            field = "prompt"
+            value = row.get("prompt")
+            value = _messages(row, field) if isinstance(value, list) else _text(row, field)
+        if isinstance(value, list):
+            try:
+                ids = tokenize_chat_prompt(tokenizer, value)
+            except Exception as e:
+                raise RowError(f"chat template failed: {e}", field) from None
+        else:
+            ids = list(tokenizer.prefix_ids) + tokenizer.encode(value)
+        keep = len(tokenizer.prefix_ids)
+        limit = opts.get("max_prompt_length") or opts["max_length"]
+        if len(ids) > limit:
+            if opts["truncation"] != "left":
+                raise RowError(
+                    f"prompt has {len(ids)} tokens > {limit}", field, drop=opts["truncation"] == "drop"
+                )
+            ids = ids[:keep] + ids[len(ids) - (limit - keep) :]
+        return {"prompt_ids": ids}
+    if kind == "seq2seq":
+        src, tgt = ("inputs", "targets") if fmt == "seq2seq" else ("prompt", "completion")
+        inputs = tokenizer.encode(_text(row, src)) + [tokenizer.eos_token_id]
+        limit = opts.get("max_prompt_length") or opts["max_length"]
+        if len(inputs) > limit:
+            if opts["truncation"] != "left":
+                raise RowError(f"{len(inputs)} tokens > {limit}", src, drop=opts["truncation"] == "drop")
+            inputs = inputs[len(inputs) - limit :]
+        labels = tokenizer.encode(_text(row, tgt)) + [tokenizer.eos_token_id]
+        if len(labels) > opts["max_length"]:
+            raise RowError(
+                f"{len(labels)} target tokens > max_length {opts['max_length']}",
+                tgt,
+                drop=opts["truncation"] == "drop",
+            )
+        return {"input_ids": inputs, "labels": labels}
+    raise ValueError(f"unknown dataset kind {kind!r}; one of {KINDS}")
