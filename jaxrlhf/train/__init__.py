@@ -1,0 +1,46 @@
+"""Training core: optimizer, train state, jitted step, Orbax checkpoints and the loop.
+
+Typical wiring (a stage does this in a page)::
+
+    from jaxrlhf import train
+    cfg = train.OptimConfig(lr=2e-5, schedule="cosine", warmup_steps=10, total_steps=1000, grad_accum=2)
+    opt = train.make_optimizer(cfg)
+    state, shard = train.init_train_state(params, opt, rng, mesh=mesh, params_axes=models.param_axes(spec))
+    step = train.jit_train_step(train.make_train_step(loss_fn, opt, grad_accum=cfg.grad_accum,
+                                                      schedule=train.make_schedule(cfg)), shard, mesh=mesh,
+                                grad_accum=cfg.grad_accum)
+    mgr = train.CheckpointManager(out_dir / "checkpoints", save_interval_steps=100, max_to_keep=2)
+    state, loader_state = mgr.restore_latest(state, shard)     # resume when a checkpoint exists
+    state = train.train_loop(state, step, batches, total_steps=1000, ckpt_manager=mgr, ...)
+    train.save_stage(out_dir / "final", spec, state.params, ...)
+
+``loss_fn(params, frozen, batch, rng) -> (loss, metrics)``; under LoRA ``params`` are the adapters and
+``frozen`` the base model.
+"""
+
+from jaxrlhf.train.optim import OptimConfig, decay_mask, make_optimizer, make_schedule
+from jaxrlhf.train.state import (
+    TrainState,
+    abstract_state,
+    init_train_state,
+    opt_state_shardings,
+    state_shardings,
+)
+from jaxrlhf.train.step import batch_shardings, cast_floating, jit_train_step, make_eval_step, make_train_step
+
+__all__ = [
+    "OptimConfig",
+    "TrainState",
+    "abstract_state",
+    "batch_shardings",
+    "cast_floating",
+    "decay_mask",
+    "init_train_state",
+    "jit_train_step",
+    "make_eval_step",
+    "make_optimizer",
+    "make_schedule",
+    "make_train_step",
+    "opt_state_shardings",
+    "state_shardings",
+]

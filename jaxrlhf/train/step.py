@@ -1,0 +1,180 @@
+"""One train step: micro-batch gradient accumulation by ``lax.scan``, then one optimizer update.
+
+``loss_fn(params, frozen, batch, rng) -> (loss, metrics)`` is any pure function (SFT, reward, DPO, ...);
+``metrics`` is a dict of scalars. If it holds ``"weight"`` (e.g. the number of target tokens of a token-mean
+loss), micro-batches are combined by that weight, so that ``grad_accum`` micro-batches give *exactly* the
+gradient of one big batch:
+
+    L = sum_i w_i L_i / sum_i w_i,        g = sum_i w_i grad L_i / sum_i w_i
+
+(without ``"weight"``, ``w_i = 1``). With ``grad_accum = k > 1`` every batch leaf has a leading micro-batch
+axis: ``input_ids [k, B, T]``; with ``k = 1`` leaves are plain ``[B, T]``.
+
+Usage::
+
+    step = make_train_step(loss_fn, make_optimizer(cfg), grad_accum=cfg.grad_accum,
+                           schedule=make_schedule(cfg), param_compute_dtype=jnp.bfloat16)
+    step = jit_train_step(step, shardings, mesh=mesh)          # donated state, explicit shardings
+    state, metrics = step(state, batch)   # metrics: loss, grad_norm, lr, + loss_fn's metrics
+
+``param_compute_dtype`` casts the trainable params once per step (before the micro-batch scan) so a bf16
+forward works on f32 master weights; the gradient flows back through the cast in f32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from jaxrlhf import sharding
+from jaxrlhf.train.state import TrainState
+
+LossFn = Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, dict]]
+
+
+def cast_floating(tree: Any, dtype: Any) -> Any:
+    """Cast floating leaves of ``tree`` to ``dtype`` (integers and keys untouched)."""
+    if dtype is None:
+        return tree
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _grads_one(loss_fn: LossFn, params, frozen, batch, rng, compute_dtype):
+    def wrapped(p):
+        loss, metrics = loss_fn(cast_floating(p, compute_dtype), frozen, batch, rng)
+        w = jnp.asarray(metrics.get("weight", 1.0), jnp.float32)
+        return loss.astype(jnp.float32) * w, (loss, metrics, w)
+
+    (_, (loss, metrics, w)), g = jax.value_and_grad(wrapped, has_aux=True)(params)
+    return g, loss, metrics, w
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    grad_accum: int = 1,
+    schedule: Callable[[jax.Array], jax.Array] | None = None,
+    param_compute_dtype: Any = None,
+) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+    """Pure ``step(state, batch) -> (state, metrics)``; jit it with :func:`jit_train_step`."""
+
+    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+        rng, step_rng = jax.random.split(state.rng)
+        if grad_accum == 1:
+            g, loss, metrics, w = _grads_one(
+                loss_fn, state.params, state.frozen, batch, step_rng, param_compute_dtype
+            )
+            grads = jax.tree.map(lambda x: x.astype(jnp.float32) / w, g)
+            metrics = {**metrics, "loss": loss}
+        else:
+
+            def body(carry, xs):
+                g_acc, m_acc, w_acc = carry
+                i, micro = xs
+                g, loss, m, w = _grads_one(
+                    loss_fn,
+                    state.params,
+                    state.frozen,
+                    micro,
+                    jax.random.fold_in(step_rng, i),
+                    param_compute_dtype,
+                )
+                m = {**m, "loss": loss}
+                g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+                m_acc = jax.tree.map(lambda a, b: a + w * jnp.asarray(b, jnp.float32), m_acc, m)
+                return (g_acc, m_acc, w_acc + w), None
+
+            m_shape = jax.eval_shape(
+                lambda: _grads_one(
+                    loss_fn,
+                    state.params,
+                    state.frozen,
+                    jax.tree.map(lambda x: x[0], batch),
+                    step_rng,
+                    param_compute_dtype,
+                )
+            )
+            m0 = {k: jnp.zeros((), jnp.float32) for k in {**m_shape[2], "loss": None}}
+            g0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            (g_sum, m_sum, w_sum), _ = jax.lax.scan(
+                body, (g0, m0, jnp.zeros((), jnp.float32)), (jnp.arange(grad_accum), batch)
+            )
+            grads = jax.tree.map(lambda x: x / w_sum, g_sum)
+            metrics = {k: v / w_sum for k, v in m_sum.items()}
+            if "weight" in metrics:
+                metrics["weight"] = w_sum
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        if schedule is not None:
+            metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+        new_state = TrainState(state.step + 1, params, state.frozen, opt_state, rng)
+        return new_state, metrics
+
+    return step
+
+
+def batch_shardings(batch: Any, mesh: Mesh, grad_accum: int = 1) -> Any:
+    """Per-leaf shardings: the batch dim (axis 0, or 1 under grad accumulation) over (data, fsdp)."""
+
+    def one(x):
+        lead = (None,) if grad_accum > 1 else ()
+        names = lead + ("batch",) + (None,) * (x.ndim - 1 - len(lead))
+        return NamedSharding(mesh, sharding.logical_to_spec(names, mesh, x.shape))
+
+    return jax.tree.map(one, batch)
+
+
+def jit_train_step(
+    step: Callable[[TrainState, Any], tuple[TrainState, dict]],
+    shardings: TrainState | None = None,
+    *,
+    mesh: Mesh | None = None,
+    grad_accum: int = 1,
+    donate: bool = True,
+) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+    """``jax.jit(step, in_shardings=(state, batch), out_shardings=(state, replicated), donate_argnums=0)``.
+
+    Batch shardings are derived from the first batch's shapes (and cached per tree structure); the trace
+    runs under ``sharding.use_mesh(mesh)`` so the model's activation constraints apply. Without ``mesh``,
+    a plain jit with a donated state.
+    """
+    donate_args = (0,) if donate else ()
+    if mesh is None:
+        return jax.jit(step, donate_argnums=donate_args)
+    rep = sharding.replicated(mesh)
+    cache: dict = {}
+
+    def call(state: TrainState, batch: Any):
+        key = jax.tree.structure(batch), tuple(jnp.ndim(x) for x in jax.tree.leaves(batch))
+        if key not in cache:
+            b_sh = batch_shardings(batch, mesh, grad_accum)
+            cache[key] = jax.jit(
+                step,
+                in_shardings=(shardings, b_sh),
+                out_shardings=(shardings, rep),
+                donate_argnums=donate_args,
+            )
+        with sharding.use_mesh(mesh):
+            return cache[key](state, batch)
+
+    return call
+
+
+def make_eval_step(loss_fn: LossFn, *, param_compute_dtype: Any = None) -> Callable[[TrainState, Any], dict]:
+    """Jitted ``eval(state, batch) -> metrics`` (``loss`` and ``weight``; no dropout rng: a fixed key)."""
+
+    def ev(state: TrainState, batch: Any) -> dict:
+        loss, metrics = loss_fn(
+            cast_floating(state.params, param_compute_dtype), state.frozen, batch, jax.random.PRNGKey(0)
+        )
+        return {**metrics, "loss": loss, "weight": jnp.asarray(metrics.get("weight", 1.0), jnp.float32)}
+
+    return jax.jit(ev)
