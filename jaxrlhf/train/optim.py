@@ -15,8 +15,9 @@ Schedules (``s`` = optimizer step, ``W`` = warmup_steps, ``S`` = total_steps, ``
     linear:     lr(s) = lr * (r + (1 - r) * (1 - p))                    p = clip((s - W) / (S - W), 0, 1)
     cosine:     lr(s) = lr * (r + (1 - r) * 0.5 * (1 + cos(pi * p)))
 
-Weight decay (decoupled, AdamW) applies to matrices (``kernel``, ``lora_a``, ``lora_b``) only; norms' ``scale``
-and every ``bias`` are excluded, and so are embedding tables (``embedding``) unless ``decay_embeddings``.
+Weight decay (decoupled, AdamW) applies to matrices (``kernel``, ``lora_a``, ``lora_b``) only; norms'
+``scale`` and every ``bias`` are excluded, and so are embedding tables (``embedding``) unless
+``decay_embeddings``.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def _leaf_name(path: tuple) -> str:
 
 
 def decay_mask(params: Any, *, decay_embeddings: bool = False) -> Any:
-    """Tree of bools, True where weight decay applies (matrices; embeddings only if asked; no norms/biases)."""
+    """Tree of bools, True where weight decay applies (matrices; embeddings if asked; no norms/biases)."""
 
     def decide(path, x):
         name = _leaf_name(path)
@@ -114,7 +115,7 @@ def decay_mask(params: Any, *, decay_embeddings: bool = False) -> Any:
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """``optax`` chain for ``cfg``: global-norm clipping, then the optimizer with the schedule and decay mask."""
+    """``optax`` chain for ``cfg``: global-norm clipping, then the optimizer with schedule and decay mask."""
     lr = make_schedule(cfg)
     mask = lambda p: decay_mask(p, decay_embeddings=cfg.decay_embeddings)
     if cfg.name == "adamw":
