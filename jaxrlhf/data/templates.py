@@ -13,14 +13,16 @@ How the mask is computed (:func:`tokenize_chat`). Let ``R(m, g)`` be the rendere
 
 Each boundary ``b`` (a character position) becomes a token position by tokenizing the prefix text
 ``R(all)[:b]`` and checking that its ids are a prefix of ``ids`` (so the mask covers exactly the tokens of
-the assistant text in the real tokenization). When a tokenizer merges characters across a boundary (a BPE
-token spanning ``"\\n\\n\\n"``), the boundary falls back to the character offsets of ``ids``: a token that
-starts before the boundary stays on the left. A template that is not prefix-stable (it rewrites earlier turns
-when later ones arrive) raises :class:`TemplateError`.
+the assistant text in the real tokenization). When a tokenizer merges characters across a boundary (a
+prompt ending in ``"Assistant: "`` before an answer whose first token is ``" the"``), the boundary falls back
+to the character offsets of ``ids`` and a token that straddles it counts as assistant (it holds assistant
+text; this is also what ``{% generation %}`` masks do). A template that is not prefix-stable (it rewrites
+earlier turns when later ones arrive) raises :class:`TemplateError`.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
 from typing import Any
 
@@ -162,14 +164,18 @@ def tokenize_chat(
     offsets = None
     for s, e in spans:
         bounds = []
-        for b in (s, e):
+        for b, is_start in ((s, True), (e, False)):
             prefix_ids = tokenizer.encode(full[:b])
             if ids[: len(prefix_ids)] == prefix_ids:
                 bounds.append(len(prefix_ids))
-            else:  # a token spans the boundary: place it by where it starts
-                if offsets is None:
-                    offsets = tokenizer.encode_with_offsets(full)[1]
-                bounds.append(next((k for k, o in enumerate(offsets) if o >= b), len(ids)))
+                continue
+            # a token straddles the boundary: it belongs to the turn (it holds assistant text)
+            if offsets is None:
+                offsets = tokenizer.encode_with_offsets(full)[1]
+            k = bisect.bisect_left(offsets, b)
+            if is_start and k > 0 and (k == len(offsets) or offsets[k] > b) and offsets[k - 1] < b:
+                k -= 1
+            bounds.append(k)
         for k in range(bounds[0], bounds[1]):
             mask[k] = 1
     prefix = list(tokenizer.prefix_ids)
