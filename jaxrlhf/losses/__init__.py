@@ -1,0 +1,49 @@
+"""Losses of every stage: pure functions of arrays returning ``(loss, metrics)`` or arrays.
+
+Hyper-parameters are keyword-only; stateful pieces (KL coefficient, reward statistics) are ``(init, update)``
+pairs with NamedTuple state, like optax transformations.
+"""
+
+from ._dpo import DPO_LOSS_TYPES, dpo_loss
+from ._gae import gae
+from ._grpo import GRPO_LOSS_AGGREGATIONS, grpo_advantages, grpo_loss
+from ._kl import (
+    KL_ESTIMATORS,
+    KLController,
+    KLControllerState,
+    adaptive_kl_controller,
+    fixed_kl_controller,
+    kl_penalty,
+)
+from ._masked import masked_mean, masked_sum, masked_var, masked_whiten
+from ._ppo import ppo_policy_loss, ppo_value_loss
+from ._reward import RewardNormalizer, RunningStats, normalize_rewards, reward_loss, running_reward_normalizer
+from ._sft import sft_loss, token_logprobs
+
+__all__ = [
+    "DPO_LOSS_TYPES",
+    "GRPO_LOSS_AGGREGATIONS",
+    "KL_ESTIMATORS",
+    "KLController",
+    "KLControllerState",
+    "RewardNormalizer",
+    "RunningStats",
+    "adaptive_kl_controller",
+    "dpo_loss",
+    "fixed_kl_controller",
+    "gae",
+    "grpo_advantages",
+    "grpo_loss",
+    "kl_penalty",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "normalize_rewards",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "reward_loss",
+    "running_reward_normalizer",
+    "sft_loss",
+    "token_logprobs",
+]
