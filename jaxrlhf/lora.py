@@ -1,0 +1,302 @@
+"""LoRA: low-rank adapters kept in their own pytree (the ``lora`` collection), never merged while training.
+
+An adapted Dense layer computes (``models.forward(..., lora=adapters, lora_config=config)``)::
+
+    y = x W + s * dropout(x) A B,     A = lora_a [in, r],  B = lora_b [r, out],
+    s = alpha / r  (or alpha / sqrt(r) with use_rslora)
+
+``adapters`` mirrors the params paths of the adapted layers: ``adapters["layers_3"]["attn"]["q_proj"] =
+{"lora_a", "lora_b"}``. ``B`` starts at zero and ``A`` is Kaiming-uniform like peft (``U(-1/sqrt(in),
+1/sqrt(in))``), so a fresh adapter is the base model; omitting the adapters (``lora=None``) *is* the base
+model.
+The optimizer sees only ``adapters`` (``TrainState.params``); the base sits in ``TrainState.frozen``.
+
+Targets (``LoraConfig.targets``), each one of:
+  - ``"all-linear"``: every Dense kernel except the output head (peft's meaning);
+  - a short module name, ours or Hugging Face's (``"q_proj"``, ``"o_proj"``/``"out_proj"``, ``"fc1"``,
+    ``"c_proj"``): every layer whose last path component (or HF module name) equals it;
+  - otherwise a regex, ``re.fullmatch``-ed against our module paths (``r"layers_\\d+/attn/(q|k|v|o)_proj"``).
+
+PEFT export / import (:func:`save_peft`, :func:`load_peft`) map our module paths onto Hugging Face module
+names through the models' weight specs: works for every module that is one HF ``nn.Linear`` / ``Conv1D``
+(llama, mistral, opt, t5; gpt2 ``o_proj``/``up_proj``/``down_proj``; bloom ``o_proj``/MLP). Adapters on
+q/k/v of GPT-2 and BLOOM (fused ``c_attn`` / ``query_key_value`` in HF) cannot be written as one peft
+adapter of the same rank and raise a clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_SHORT = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Hashable LoRA hyper-parameters (usable as a static jit argument and as ``lora_config`` of forward)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    use_rslora: bool = False
+
+    def __post_init__(self):
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        object.__setattr__(self, "targets", targets)
+        if self.rank < 1:
+            raise ValueError(f"LoraConfig.rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not targets:
+            raise ValueError("LoraConfig.targets is empty")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> LoraConfig:
+        d = json.loads(text)
+        d["targets"] = tuple(d["targets"])
+        return cls(**d)
+
+
+def _linear_modules(params: dict, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Paths of every dict holding a 2-D ``kernel`` (a Dense layer)."""
+    out = []
+    for k, v in params.items():
+        if isinstance(v, dict):
+            if "kernel" in v and np.ndim(v["kernel"]) == 2:
+                out.append((*prefix, k))
+            out += _linear_modules(v, (*prefix, k))
+    return out
+
+
+def hf_module_names(spec: Any) -> dict[tuple[str, ...], str | None]:
+    """Our Dense module path -> HF module name (``model.layers.0.self_attn.q_proj``); None when the HF
+    tensor is fused over several of our modules (GPT-2 / BLOOM q, k, v)."""
+    from jaxrlhf.models.hf_io import hf_weight_specs
+
+    out: dict[tuple[str, ...], str | None] = {}
+    for ws in hf_weight_specs(spec):
+        kernels = [p for p in ws.paths if p[-1] == "kernel"]
+        if not kernels:
+            continue
+        if len(ws.paths) == 1 and len(ws.hf_names) == 1 and ws.hf_names[0].endswith(".weight"):
+            out[kernels[0][:-1]] = ws.hf_names[0][: -len(".weight")]
+        else:
+            for p in kernels:
+                out[p[:-1]] = None
+    return out
+
+
+def target_modules(spec: Any, params: dict, config: LoraConfig) -> list[tuple[str, ...]]:
+    """Module paths selected by ``config.targets`` (see module docstring); error if a target matches none."""
+    modules = _linear_modules(params)
+    hf = hf_module_names(spec) if spec is not None else {}
+    chosen: set[tuple[str, ...]] = set()
+    for t in config.targets:
+        if t == "all-linear":
+            hit = {m for m in modules if m[-1] != "lm_head"}
+        elif _SHORT.match(t):
+            hit = {m for m in modules if m[-1] == t or (hf.get(m) or "").split(".")[-1] == t}
+        else:
+            hit = {m for m in modules if re.fullmatch(t, "/".join(m))}
+        if not hit:
+            names = sorted({m[-1] for m in modules})
+            raise ValueError(f"LoRA target {t!r} matches no linear layer (layer names: {names})")
+        chosen |= hit
+    return sorted(chosen, key=lambda m: modules.index(m))
+
+
+def _get(tree: dict, path: tuple[str, ...]) -> Any:
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def init(spec: Any, params: dict, config: LoraConfig, rng: jax.Array, dtype: Any = jnp.float32) -> dict:
+    """Fresh adapters for the targets: ``lora_a [in, r] ~ U(-1/sqrt(in), 1/sqrt(in))``, ``lora_b = 0``."""
+    adapters: dict = {}
+    for i, m in enumerate(target_modules(spec, params, config)):
+        d_in, d_out = np.shape(_get(params, m)["kernel"])
+        bound = 1.0 / math.sqrt(d_in)
+        a = jax.random.uniform(jax.random.fold_in(rng, i), (d_in, config.rank), dtype, -bound, bound)
+        _set(adapters, m, {"lora_a": a, "lora_b": jnp.zeros((config.rank, d_out), dtype)})
+    return adapters
+
+
+def modules(adapters: dict) -> list[tuple[str, ...]]:
+    """Paths of the adapted modules in ``adapters``."""
+    out = []
+
+    def walk(t, prefix):
+        if "lora_a" in t:
+            out.append(prefix)
+            return
+        for k, v in t.items():
+            walk(v, (*prefix, k))
+
+    walk(adapters, ())
+    return out
+
+
+def param_axes(base_axes: dict, adapters: dict) -> dict:
+    """Logical axes from the base kernel's: ``lora_a (in, lora_rank)``, ``lora_b (lora_rank, out)``."""
+    out: dict = {}
+    for m in modules(adapters):
+        k_in, k_out = _get(base_axes, m)["kernel"]
+        _set(out, m, {"lora_a": (k_in, "lora_rank"), "lora_b": ("lora_rank", k_out)})
+    return out
+
+
+def merge(params: dict, adapters: dict, config: LoraConfig) -> dict:
+    """Plain params with ``kernel + scale * lora_a @ lora_b`` folded in (f32 math; kernel dtype kept)."""
+    merged = jax.tree.map(lambda x: x, params)
+    for m in modules(adapters):
+        layer = dict(_get(merged, m))
+        ad = _get(adapters, m)
+        delta = config.scale * (ad["lora_a"].astype(jnp.float32) @ ad["lora_b"].astype(jnp.float32))
+        layer["kernel"] = (layer["kernel"].astype(jnp.float32) + delta).astype(layer["kernel"].dtype)
+        _set(merged, m, layer)
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------- peft
+
+
+def _peft_map(spec: Any, mods: list[tuple[str, ...]]) -> dict[tuple[str, ...], str]:
+    names = hf_module_names(spec)
+    out, fused = {}, []
+    for m in mods:
+        hf = names.get(m)
+        if hf is None:
+            fused.append("/".join(m))
+        else:
+            out[m] = hf
+    if fused:
+        raise ValueError(
+            f"{spec.model_type}: adapters on {fused} have no single Hugging Face module (fused q/k/v in HF); "
+            "peft export supports one-to-one linear layers only"
+        )
+    return out
+
+
+def _task_type(spec: Any) -> str:
+    return "SEQ_2_SEQ_LM" if spec.is_encoder_decoder else "CAUSAL_LM"
+
+
+def save_peft(
+    spec: Any,
+    adapters: dict,
+    config: LoraConfig,
+    out_dir: str | os.PathLike,
+    *,
+    base_model: str | None = None,
+) -> str:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``PeftModel.from_pretrained`` loads.
+
+    Tensor names: ``base_model.model.<hf module>.lora_A.weight [r, in]`` and ``...lora_B.weight [out, r]``.
+    """
+    from safetensors.numpy import save_file
+
+    mods = modules(adapters)
+    mapping = _peft_map(spec, mods)
+    tensors = {}
+    for m, hf in mapping.items():
+        ad = _get(adapters, m)
+        a = np.asarray(jax.device_get(ad["lora_a"]), np.float32)
+        b = np.asarray(jax.device_get(ad["lora_b"]), np.float32)
+        tensors[f"base_model.model.{hf}.lora_A.weight"] = np.ascontiguousarray(a.T)
+        tensors[f"base_model.model.{hf}.lora_B.weight"] = np.ascontiguousarray(b.T)
+    cfg = {
+        "peft_type": "LORA",
+        "task_type": _task_type(spec),
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "use_rslora": config.use_rslora,
+        # exact module names: peft adapts precisely these layers (a name matches itself or a ".name" suffix)
+        "target_modules": sorted(mapping.values()),
+        "bias": "none",
+        "fan_in_fan_out": spec.model_type == "gpt2",
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "base_model_name_or_path": base_model,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    out = os.fspath(out_dir)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    save_file(tensors, os.path.join(out, "adapter_model.safetensors"))
+    return out
+
+
+def load_peft(spec: Any, in_dir: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[dict, LoraConfig]:
+    """Read a peft LoRA adapter dir into ``(adapters, LoraConfig)`` (the inverse of :func:`save_peft`)."""
+    from safetensors.numpy import load_file
+
+    d = os.fspath(in_dir)
+    cfg_file = os.path.join(d, "adapter_config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"{d}: no adapter_config.json (not a peft adapter directory)")
+    with open(cfg_file) as f:
+        c = json.load(f)
+    if c.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{cfg_file}: peft_type {c.get('peft_type')!r} is not LORA")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if c.get(key):
+            raise ValueError(f"{cfg_file}: {key} (per-module ranks) is not supported")
+    weights_file = os.path.join(d, "adapter_model.safetensors")
+    if not os.path.isfile(weights_file):
+        raise FileNotFoundError(f"{d}: no adapter_model.safetensors")
+    tensors = load_file(weights_file)
+    by_hf = {hf: m for m, hf in hf_module_names(spec).items() if hf is not None}
+    adapters: dict = {}
+    modules_seen: list[str] = []
+    for name, arr in tensors.items():
+        mt = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight", name)
+        if mt is None:
+            raise ValueError(f"{weights_file}: unexpected tensor {name!r}")
+        hf, ab = mt.groups()
+        if hf not in by_hf:
+            raise ValueError(
+                f"{weights_file}: tensor {name!r}: module {hf!r} is not a linear layer of {spec.model_type}"
+            )
+        m = by_hf[hf]
+        layer = adapters
+        for k in m:
+            layer = layer.setdefault(k, {})
+        layer["lora_a" if ab == "A" else "lora_b"] = jnp.asarray(arr.T, dtype)
+        modules_seen.append(m[-1])
+    names = tuple(sorted(set(modules_seen)))
+    config = LoraConfig(
+        rank=int(c["r"]),
+        alpha=float(c["lora_alpha"]),
+        dropout=float(c.get("lora_dropout", 0.0)),
+        targets=names,
+        use_rslora=bool(c.get("use_rslora", False)),
+    )
+    return adapters, config
