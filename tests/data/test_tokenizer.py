@@ -1,4 +1,4 @@
-"""Tokenizers the tests build themselves: SentencePiece (Llama 2 / T5 layouts), tokenizer.json BPE, tiktoken."""
+"""Tokenizers that the tests build: SentencePiece (Llama 2 / T5 layouts), tokenizer.json BPE, tiktoken."""
 
 import re
 
