@@ -35,7 +35,8 @@ MARKED = {
         "{% for message in messages %}{% if loop.index0 == 0 %}{{ bos_token }}{% endif %}"
         "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
         "{% if message['role'] == 'assistant' %}{% generation %}"
-        "{{ message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}{% else %}{{ message['content'] | trim + '<|eot_id|>' }}{% endif %}{% endfor %}"
+        "{{ message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}{% else %}"
+        "{{ message['content'] | trim + '<|eot_id|>' }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
     ),
     "chatml": (
@@ -58,7 +59,8 @@ MARKED = {
 # a tokenizer-supplied template (zephyr style) without markers, and the same with markers
 ZEPHYR = (
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
 ZEPHYR_MARKED = (
     "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '<|assistant|>\\n' }}"
