@@ -26,7 +26,7 @@ from jaxrlhf.data.formats import (
     process_row,
 )
 from jaxrlhf.data.packing import length_buckets, pack_examples
-from jaxrlhf.data.sources import load_sources
+from jaxrlhf.data.sources import BAD_ROW_FIELD, BAD_ROW_REASON, load_sources
 
 _VERSION = "jaxrlhf-data-1"
 
@@ -153,6 +153,8 @@ def _tokenize_source(name, ds, fmt, kind, tokenizer, opts, config, log, offset):
         for j, row_index in enumerate(indices):
             row = {k: batch[k][j] for k in keys}
             try:
+                if row.get(BAD_ROW_REASON):  # a line that sources.py could not read (skip mode only)
+                    raise RowError(row[BAD_ROW_REASON], row.get(BAD_ROW_FIELD))
                 example = process_row(row, fmt, kind, tokenizer, opts)
                 error = ""
             except RowError as e:
@@ -216,11 +218,11 @@ def build_dataset(config: DataConfig, tokenizer, kind: str, *, split: str | None
         streaming=config.streaming,
         on_bad_row=config.on_bad_row,
         cache_dir=config.cache_dir,
-        log=log,
     )
     fmt = config.format
     if fmt is None:
-        columns = list(sources[0][1].column_names or [])
+        first = sources[0][1]
+        columns = list(first.column_names or next(iter(first), {}).keys())
         fmt = detect_format(columns)
         if fmt is None:
             raise DataError(

@@ -3,19 +3,22 @@ or, when the user names one, a hub dataset id — all through ``datasets``.
 
 Local files are loaded one by one so that an error can name the file and the row inside it. A directory
 selects the files of a split by name (``train.jsonl``, ``train-00000.parquet``, ``train/part.csv``); when no
-file names a split, every file belongs to ``train``. JSON, JSON-lines and CSV files are checked for invalid
-UTF-8 first (``datasets`` would fail without saying where); under ``on_bad_row="skip"`` the bad lines of a
-JSON-lines file are dropped (and counted) instead.
+file names a split, every file belongs to ``train``. When ``datasets`` cannot read a JSON-lines or CSV file
+(invalid UTF-8, invalid JSON, lone surrogates), the file is scanned line by line to name the bad row; under
+``on_bad_row="skip"`` the bad lines of a JSON-lines file are dropped (and counted) instead. Streaming reads
+check these files up front.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
-from jaxrlhf.data.errors import BadRowLog, DataError
+from jaxrlhf.data.errors import DataError
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+BAD_ROW_REASON, BAD_ROW_FIELD = "__jaxrlhf_bad_row__", "__jaxrlhf_bad_field__"
 _SPLIT_NAMES = ("train", "validation", "valid", "val", "test", "eval", "dev")
 
 
@@ -66,36 +69,92 @@ def local_files(path: str, split: str) -> list[str]:
     return chosen
 
 
-def _check_utf8(path: str, on_bad_row: str, work_dir: str, log: BadRowLog) -> str:
-    """Return the path to load: ``path`` itself, or a copy without the undecodable lines (skip)."""
-    if path.endswith(".gz") or _builder(path) not in ("json", "csv"):
-        return path
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        data.decode("utf-8")
-        return path
-    except UnicodeDecodeError:
-        pass
-    lines = data.split(b"\n")
-    bad = []
-    for i, line in enumerate(lines):
+def _string_problem(value, field: str | None = None) -> tuple[str, str | None] | None:
+    """(reason, field) for the first string in a JSON value that is not valid UTF-8 (lone surrogates)."""
+    if isinstance(value, str):
         try:
-            line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            bad.append((i, e.start))
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"invalid UTF-8 text ({e.reason})", field
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            found = _string_problem(v, field if field is not None else k)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for v in value:
+            found = _string_problem(v, field)
+            if found:
+                return found
+    return None
+
+
+def _scan_lines(path: str) -> tuple[list[bytes], list[tuple[int, str, str | None]]]:
+    """Lines of a JSON-lines / CSV file and its bad rows ``(row, reason, field)`` (rows = non-blank lines)."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    bad, row = [], 0
     jsonl = path.endswith(".jsonl")
-    first, col = bad[0]
-    reason = f"invalid UTF-8 (byte {col} of line {first + 1})"
+    for i, line in enumerate(lines):
+        if jsonl and not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad.append((row if jsonl else i, f"invalid UTF-8 (byte {e.start} of line {i + 1})", None))
+        else:
+            if jsonl:
+                try:
+                    found = _string_problem(json.loads(text))
+                except json.JSONDecodeError as e:
+                    found = (f"invalid JSON ({e.msg}, line {i + 1})", None)
+                if found:
+                    bad.append((row, *found))
+        row += 1
+    return lines, bad
+
+
+def _load_file(datasets, file: str, streaming: bool, cache_dir, on_bad_row: str):
+    def load(path):
+        return datasets.load_dataset(
+            _builder(file), data_files=path, split="train", streaming=streaming, cache_dir=cache_dir
+        )
+
+    try:
+        ds = load(file)
+        if not streaming:
+            return ds
+    except Exception as e:
+        error = e
+    else:  # streaming reads lazily: check text files up front
+        if _builder(file) not in ("json", "csv") or file.endswith(".gz") or not _scan_lines(file)[1]:
+            return ds
+        error = None
+    if _builder(file) not in ("json", "csv") or file.endswith(".gz"):
+        raise DataError(f"cannot read the file ({type(error).__name__}: {error})", file=file) from error
+    lines, bad = _scan_lines(file)
+    if not bad:
+        raise DataError(f"cannot read the file ({type(error).__name__}: {error})", file=file) from error
+    row, reason, field = bad[0]
+    jsonl = file.endswith(".jsonl")
     if on_bad_row != "skip" or not jsonl:
-        raise DataError(reason, file=path, row=first if jsonl else None)
-    for i, c in bad:
-        log.add(f"{path}, row {i}: invalid UTF-8 (byte {c})", "invalid UTF-8")
-    bad_rows = {i for i, _ in bad}
-    clean = os.path.join(work_dir, f"{len(os.listdir(work_dir))}_{os.path.basename(path)}")
+        raise DataError(reason, file=file, row=row if jsonl else None, field=field)
+    # a copy with each bad line replaced by a marker row, so row numbers stay those of the file and the
+    # tokenizing step skips (and counts) the marked rows like any other bad row
+    bad_rows, kept, r = {b[0]: b[1:] for b in bad}, [], 0
+    for line in lines:
+        if line.strip():
+            if r in bad_rows:
+                reason, field = bad_rows[r]
+                line = json.dumps({BAD_ROW_REASON: reason, BAD_ROW_FIELD: field}).encode()
+            kept.append(line)
+            r += 1
+    if cache_dir is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+    clean = os.path.join(tempfile.mkdtemp(prefix="jaxrlhf_clean_", dir=cache_dir), os.path.basename(file))
     with open(clean, "wb") as f:
-        f.write(b"\n".join(line for i, line in enumerate(lines) if i not in bad_rows))
-    return clean
+        f.write(b"\n".join(kept))
+    return load(clean)
 
 
 def load_sources(
@@ -105,12 +164,10 @@ def load_sources(
     streaming: bool = False,
     on_bad_row: str = "error",
     cache_dir: str | None = None,
-    log: BadRowLog | None = None,
 ) -> list[tuple[str, object]]:
     """``[(name, datasets.Dataset | IterableDataset), ...]``: one per local file, or one for a hub id."""
     import datasets
 
-    log = log or BadRowLog(path)
     if not os.path.exists(path):
         if path.startswith((".", "/", "~")) or _builder(path) is not None:
             raise DataError("no such file or directory", file=path)
@@ -128,15 +185,7 @@ def load_sources(
                 raise DataError(f"no split {split!r} (splits: {list(ds)})", file=path)
             ds = ds[split]
         return [(path, ds.to_iterable_dataset() if streaming else ds)]
-    out = []
-    work_dir = tempfile.mkdtemp(prefix="jaxrlhf_clean_", dir=cache_dir)
-    for file in local_files(path, split):
-        to_load = _check_utf8(file, on_bad_row, work_dir, log)
-        try:
-            ds = datasets.load_dataset(
-                _builder(file), data_files=to_load, split="train", streaming=streaming, cache_dir=cache_dir
-            )
-        except Exception as e:
-            raise DataError(f"cannot read the file ({type(e).__name__}: {e})", file=file) from e
-        out.append((file, ds))
-    return out
+    return [
+        (file, _load_file(datasets, file, streaming, cache_dir, on_bad_row))
+        for file in local_files(path, split)
+    ]
