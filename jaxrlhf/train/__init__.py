@@ -11,13 +11,21 @@ Typical wiring (a stage does this in a page)::
                                 grad_accum=cfg.grad_accum)
     mgr = train.CheckpointManager(out_dir / "checkpoints", save_interval_steps=100, max_to_keep=2)
     state, loader_state = mgr.restore_latest(state, shard)     # resume when a checkpoint exists
-    state = train.train_loop(state, step, batches, total_steps=1000, ckpt_manager=mgr, ...)
+    if loader_state: loader.restore(loader_state)
+    writer = train.MetricsWriter(out_dir / "logs")                 # JSONL + TensorBoard
+    eval_step = train.make_eval_step(loss_fn)
+    result = train.train_loop(state, step, loader, total_steps=1000, ckpt_manager=mgr, writer=writer,
+                              eval_fn=lambda s: train.evaluate(eval_step, s, eval_batches), eval_every=200)
+    state = result.state
     train.save_stage(out_dir / "final", spec, state.params, ...)
 
 ``loss_fn(params, frozen, batch, rng) -> (loss, metrics)``; under LoRA ``params`` are the adapters and
 ``frozen`` the base model.
 """
 
+from jaxrlhf.train.checkpoint import CheckpointManager, StageCheckpoint, load_stage, save_stage
+from jaxrlhf.train.loop import LoopResult, default_tokens, evaluate, train_loop
+from jaxrlhf.train.metrics import MetricsWriter, flops_per_token, peak_flops, read_jsonl
 from jaxrlhf.train.optim import OptimConfig, decay_mask, make_optimizer, make_schedule
 from jaxrlhf.train.state import (
     TrainState,
@@ -29,6 +37,18 @@ from jaxrlhf.train.state import (
 from jaxrlhf.train.step import batch_shardings, cast_floating, jit_train_step, make_eval_step, make_train_step
 
 __all__ = [
+    "CheckpointManager",
+    "LoopResult",
+    "MetricsWriter",
+    "StageCheckpoint",
+    "default_tokens",
+    "evaluate",
+    "flops_per_token",
+    "load_stage",
+    "peak_flops",
+    "read_jsonl",
+    "save_stage",
+    "train_loop",
     "OptimConfig",
     "TrainState",
     "abstract_state",

@@ -48,6 +48,7 @@ class CheckpointManager:
         async_save: bool = True,
     ):
         self.directory = os.path.abspath(os.fspath(directory))
+        self.save_interval_steps = save_interval_steps
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_interval_steps,
             max_to_keep=max_to_keep,
@@ -57,12 +58,13 @@ class CheckpointManager:
         self._mgr = ocp.CheckpointManager(self.directory, options=options)
 
     def should_save(self, step: int) -> bool:
-        return self._mgr.should_save(step)
+        """True on multiples of ``save_interval_steps`` (Orbax alone would also save any first step)."""
+        return step > 0 and step % self.save_interval_steps == 0
 
     def save(self, state: TrainState, loader_state: dict | None = None, *, force: bool = False) -> bool:
         """Save at ``int(state.step)`` if the interval says so (or ``force``); returns whether it saved."""
         step = int(jax.device_get(state.step))
-        if not force and not self._mgr.should_save(step):
+        if not force and not self.should_save(step):
             return False
         if step in self._mgr.all_steps():
             return False

@@ -63,3 +63,11 @@ class CountingSource:
 
     def restore(self, state: dict) -> None:
         self.seed, self.pos = int(state["seed"]), int(state["pos"])
+
+
+def toy_loss_dropout(params, frozen, batch, rng):
+    """``toy_loss`` with dropout on the embeddings: the step's RNG matters (resume must restore it)."""
+    keep = jax.random.bernoulli(rng, 0.8, (E,))
+    p = dict(params)
+    p["embed_tokens"] = {"embedding": params["embed_tokens"]["embedding"] * keep / 0.8}
+    return toy_loss(p, frozen, batch, rng)
