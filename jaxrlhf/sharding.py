@@ -115,9 +115,13 @@ def _is_axes(x: Any) -> bool:
 def named_shardings(axes_tree: Any, mesh: Mesh, shapes_tree: Any | None = None) -> Any:
     """Tree of logical-axis tuples (+ optional tree of arrays / ShapeDtypeStructs) -> tree of NamedSharding."""
     if shapes_tree is None:
-        return jax.tree.map(lambda a: NamedSharding(mesh, logical_to_spec(a, mesh)), axes_tree, is_leaf=_is_axes)
+        return jax.tree.map(
+            lambda a: NamedSharding(mesh, logical_to_spec(a, mesh)), axes_tree, is_leaf=_is_axes
+        )
     return jax.tree.map(
-        lambda a, x: NamedSharding(mesh, logical_to_spec(a, mesh, np.shape(x) if not hasattr(x, "shape") else x.shape)),
+        lambda a, x: NamedSharding(
+            mesh, logical_to_spec(a, mesh, np.shape(x) if not hasattr(x, "shape") else x.shape)
+        ),
         axes_tree,
         shapes_tree,
         is_leaf=_is_axes,
@@ -145,15 +149,34 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-    """``with_sharding_constraint`` by logical names when tracing under a mesh context, else identity."""
+    """``with_sharding_constraint`` by logical names when a mesh is in context, else identity.
+
+    The mesh comes from ``jax.set_mesh(mesh)`` / :func:`use_mesh` (jax >= 0.7) or the legacy ``with mesh:``.
+    """
     mesh = _current_mesh()
     if mesh is None or mesh.empty or mesh.size == 1:
         return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical_axes, mesh, x.shape)))
+    spec = logical_to_spec(logical_axes, mesh, x.shape)
+    if isinstance(mesh, Mesh):
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(x, spec)  # abstract mesh from jax.set_mesh: a bare spec suffices
 
 
-def _current_mesh() -> Mesh | None:
-    try:
+def use_mesh(mesh: Mesh):
+    """Context manager that puts ``mesh`` in context for tracing and running (``jax.set_mesh`` when present)."""
+    if hasattr(jax, "set_mesh"):
+        return jax.set_mesh(mesh)
+    if hasattr(jax.sharding, "use_mesh"):
+        return jax.sharding.use_mesh(mesh)
+    return mesh
+
+
+def _current_mesh() -> Any:
+    get_abstract = getattr(jax.sharding, "get_abstract_mesh", None)
+    if get_abstract is not None:
+        m = get_abstract()
+        return None if m is None or m.empty else m
+    try:  # jax < 0.5: only the legacy ``with mesh:`` context exists
         from jax.interpreters import pxla
 
         m = pxla.thread_resources.env.physical_mesh

@@ -1,0 +1,213 @@
+"""Model API: one functional entry point per operation, dispatching on the ModelSpec family.
+
+Dispatch note: decoder-only families (llama, mistral, opt, bloom, gpt2) live in ``decoder.py``; for
+``spec.model_type == "t5"`` every function here forwards to ``jaxrlhf.models.t5`` (imported lazily, so
+this package imports without it): ``t5.init_params(spec, rng, dtype)``, ``t5.param_axes(spec)``,
+``t5.forward(spec, params, input_ids, attention_mask, *, decoder_input_ids, decoder_attention_mask,
+encoder_outputs, lora, lora_config, cache, compute_dtype, attention_impl, remat, dropout_rng)``,
+``t5.hf_weight_specs(spec)``, ``t5.hf_architecture(spec)`` (and ``t5.init_cache`` when it exists).
+
+Params are plain nested dicts (no Flax boxes); ``param_axes(spec)`` gives the same tree with tuples of
+logical axis names (see ``jaxrlhf.sharding.LOGICAL_RULES``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jaxrlhf import sharding
+from jaxrlhf.models.decoder import Decoder
+from jaxrlhf.models.spec import ConfigError, ModelSpec, load_hf_config
+
+__all__ = [
+    "ConfigError",
+    "ForwardOutput",
+    "ModelSpec",
+    "abstract_params",
+    "count_params",
+    "forward",
+    "init_cache",
+    "init_params",
+    "jit_forward",
+    "load_hf_config",
+    "load_pretrained",
+    "param_axes",
+    "save_pretrained",
+]
+
+
+class ForwardOutput(NamedTuple):
+    logits: jax.Array  # [B, T, V] float32
+    hidden: jax.Array  # [B, T, E] final hidden states (after final norm / OPT project_out): heads read these
+    cache: Any  # updated KV cache or None
+    encoder_hidden: jax.Array | None  # T5 encoder output [B, S, E]; None for decoder-only
+
+
+def _t5():
+    from jaxrlhf.models import t5
+
+    return t5
+
+
+def _decoder(spec: ModelSpec, **kw) -> Decoder:
+    return Decoder(spec, **kw)
+
+
+def _dummy_inputs():
+    return jnp.zeros((1, 1), jnp.int32)
+
+
+def _boxed_init(spec: ModelSpec, rng: jax.Array):
+    return _decoder(spec).init(rng, _dummy_inputs())["params"]
+
+
+def init_params(spec: ModelSpec, rng: jax.Array, dtype: Any = jnp.float32, mesh: Mesh | None = None) -> dict:
+    """Random params (HF-style init, normal(0.02) kernels, unit norms) as a plain dict in ``dtype``.
+
+    With ``mesh``, the params are created already sharded by their logical axes (jit with out_shardings).
+    """
+    if spec.is_encoder_decoder:
+        params = _t5().init_params(spec, rng, dtype)
+        return params if mesh is None else sharding.shard_params(params, param_axes(spec), mesh)
+
+    def init(r):
+        p = nn.unbox(_boxed_init(spec, r))
+        return jax.tree.map(lambda x: x.astype(dtype), p)
+
+    if mesh is None:
+        return jax.jit(init)(rng)
+    shardings = sharding.named_shardings(param_axes(spec), mesh, abstract_params(spec, dtype))
+    return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def abstract_params(spec: ModelSpec, dtype: Any = jnp.float32) -> dict:
+    """Tree of ``jax.ShapeDtypeStruct`` (no memory) of the params; used for sizes and sharded loading."""
+    return jax.eval_shape(lambda r: init_params(spec, r, dtype), jax.random.key(0))
+
+
+def param_axes(spec: ModelSpec) -> dict:
+    """Same tree as the params; each leaf is a tuple of logical axis names (one per dimension)."""
+    if spec.is_encoder_decoder:
+        return _t5().param_axes(spec)
+    boxed = jax.eval_shape(lambda r: _boxed_init(spec, r), jax.random.key(0))
+    specs = nn.get_partition_spec(boxed)
+    return jax.tree.map(
+        lambda p: tuple(p), specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    )
+
+
+def count_params(spec: ModelSpec) -> int:
+    """Number of parameters (tied embeddings counted once)."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(spec)))
+
+
+def init_cache(spec: ModelSpec, batch: int, max_len: int, dtype: Any = jnp.float32) -> dict:
+    """Empty static KV cache: ``{"layers": ({"k","v": [B,S,K,D]},)*L, "positions": [B,S], "valid": [B,S],
+    "index": 0}``; see docs/INTERNALS.md for how ``forward`` fills it."""
+    if spec.is_encoder_decoder:
+        t5 = _t5()
+        if not hasattr(t5, "init_cache"):
+            raise NotImplementedError("jaxrlhf.models.t5 has no init_cache")
+        return t5.init_cache(spec, batch, max_len, dtype)
+    kv = (batch, max_len, spec.num_kv_heads, spec.head_dim)
+    return {
+        "layers": tuple(
+            {"k": jnp.zeros(kv, dtype), "v": jnp.zeros(kv, dtype)} for _ in range(spec.num_layers)
+        ),
+        "positions": jnp.zeros((batch, max_len), jnp.int32),
+        "valid": jnp.zeros((batch, max_len), bool),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def forward(
+    spec: ModelSpec,
+    params: dict,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    decoder_input_ids: jax.Array | None = None,
+    decoder_attention_mask: jax.Array | None = None,
+    encoder_outputs: jax.Array | None = None,
+    lora: dict | None = None,
+    lora_config: Any = None,
+    cache: dict | None = None,
+    compute_dtype: Any = None,
+    attention_impl: str = "plain",
+    remat: str = "none",
+    dropout_rng: jax.Array | None = None,
+) -> ForwardOutput:
+    """Run the model. ``input_ids [B,T]`` int, ``attention_mask [B,T]`` (1 real, 0 pad; left or right).
+
+    Decoder-only: positions default to ``max(cumsum(mask) - 1, 0)`` (continuing from the cache when one is
+    given); ``segment_ids [B,T]`` (0 = pad) restrict attention to each packed example (pass reset
+    ``positions`` too). ``lora`` mirrors the params paths of adapted Dense layers; ``lora_config.scale`` /
+    ``.dropout`` apply (dropout only with ``dropout_rng``). ``compute_dtype`` (e.g. bf16) casts params and
+    activations at use; logits are float32. Returns ``ForwardOutput(logits, hidden, cache, None)``.
+    """
+    if spec.is_encoder_decoder:
+        return _t5().forward(
+            spec,
+            params,
+            input_ids,
+            attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
+            lora=lora,
+            lora_config=lora_config,
+            cache=cache,
+            compute_dtype=compute_dtype,
+            attention_impl=attention_impl,
+            remat=remat,
+            dropout_rng=dropout_rng,
+        )
+    if decoder_input_ids is not None or encoder_outputs is not None:
+        raise ValueError(
+            f"{spec.model_type} is decoder-only: decoder_input_ids / encoder_outputs do not apply"
+        )
+    model = _decoder(
+        spec, compute_dtype=compute_dtype, lora_config=lora_config, impl=attention_impl, remat=remat
+    )
+    variables = {"params": params}
+    if lora:
+        variables["lora"] = lora
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+    logits, hidden, new_cache = model.apply(
+        variables, input_ids, attention_mask, positions, segment_ids, cache, rngs=rngs
+    )
+    return ForwardOutput(logits, hidden, new_cache, None)
+
+
+def jit_forward(spec: ModelSpec, mesh: Mesh, **forward_kwargs: Any):
+    """``f(params, input_ids, attention_mask) -> ForwardOutput`` jitted with explicit shardings on ``mesh``.
+
+    Params are sharded by :func:`param_axes`, inputs and outputs along ``batch`` (data x fsdp); the trace
+    runs under ``jax.set_mesh(mesh)`` so activation constraints (``sharding.constrain``) apply.
+    """
+    abstract = abstract_params(spec)
+    p_shard = sharding.named_shardings(param_axes(spec), mesh, abstract)
+    b2, b3 = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 3)
+
+    def f(params, input_ids, attention_mask):
+        return forward(spec, params, input_ids, attention_mask, **forward_kwargs)
+
+    out_shard = ForwardOutput(b3, b3, None, None)
+    jitted = jax.jit(f, in_shardings=(p_shard, b2, b2), out_shardings=out_shard)
+
+    def call(params, input_ids, attention_mask):
+        with sharding.use_mesh(mesh):
+            return jitted(params, input_ids, attention_mask)
+
+    return call
+
+
+from jaxrlhf.models.hf_io import load_pretrained, save_pretrained  # noqa: E402

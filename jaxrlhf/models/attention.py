@@ -1,0 +1,154 @@
+"""Multi-head / grouped-query attention with masks, ALiBi, sliding windows and a static KV cache.
+
+Shapes: B batch, T query length, S key length (= T, or the cache length), H query heads, K kv heads,
+G = H / K queries per kv head, D head dim.
+
+``attend`` is the math:  ``out[b,t,h] = softmax_s(scale * q[b,t,h] . k[b,s,h//G] + bias[b,h,t,s]
+(masked to -inf where mask[b,t,s] is False)) . v[b,s,h//G]``. The plain path never repeats K/V: queries are
+reshaped to ``[B, T, K, G, D]`` and contracted against ``[B, S, K, D]``. The fused path calls
+``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU for bf16/fp16, XLA elsewhere).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxrlhf.models.layers import Dense, apply_rope
+from jaxrlhf.sharding import constrain
+
+_NEG = -1e30  # finite "minus infinity": fully masked (padding) rows give a uniform softmax, not NaN
+
+
+def make_mask(
+    q_slot: jax.Array,
+    kv_slot: jax.Array,
+    kv_valid: jax.Array,
+    q_pos: jax.Array | None = None,
+    kv_pos: jax.Array | None = None,
+    window: int | None = None,
+    q_segment: jax.Array | None = None,
+    kv_segment: jax.Array | None = None,
+) -> jax.Array:
+    """Boolean ``[B, 1, T, S]``: key valid, ``kv_slot <= q_slot`` (causal), same segment, inside the window.
+
+    ``q_slot [T]`` / ``kv_slot [S]`` are cache slots (or plain indices); the window compares positions:
+    a key is visible when ``q_pos - kv_pos < window`` (Mistral / HF ``sliding_window`` semantics).
+    """
+    mask = kv_valid[:, None, :] & (kv_slot[None, :] <= q_slot[:, None])[None]  # [B, T, S]
+    if window is not None:
+        mask = mask & ((q_pos[:, :, None] - kv_pos[:, None, :]) < window)
+    if q_segment is not None:
+        mask = mask & (q_segment[:, :, None] == kv_segment[:, None, :])
+    return mask[:, None]
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None,
+    bias: jax.Array | None = None,
+    *,
+    scale: float,
+    impl: str = "plain",
+    is_causal: bool = False,
+) -> jax.Array:
+    """Attention of ``q [B,T,H,D]`` over ``k, v [B,S,K,D]`` -> ``[B,T,H,D]``.
+
+    ``mask`` broadcasts to ``[B, 1, T, S]`` (True = visible); ``bias`` to ``[B, H, T, S]`` (added to the
+    scaled scores, float32). ``is_causal`` lets the fused path use the kernel's own causal mask when
+    ``mask`` is None. Scores and softmax are float32; the value product is in v's dtype.
+    """
+    if impl == "fused":
+        return _fused(q, k, v, mask, bias, scale=scale, is_causal=is_causal)
+    if impl != "plain":
+        raise ValueError(f"attention_impl must be 'plain' or 'fused', got {impl!r}")
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    g = h // kv
+    qg = q.reshape(b, t, kv, g, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        scores = scores + bias.astype(jnp.float32).reshape(b, kv, g, *bias.shape[-2:])
+    if mask is None and is_causal:
+        s = k.shape[1]
+        mask = (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t))[None, None]
+    if mask is not None:
+        scores = jnp.where(mask[:, :, None], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+def _fused(q, k, v, mask, bias, *, scale, is_causal):
+    b, t, h, _ = q.shape
+    if bias is not None:
+        bias = jnp.broadcast_to(bias.astype(q.dtype), (b, h, t, k.shape[1]))
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (b, 1, t, k.shape[1]))
+    causal = is_causal and mask is None
+    gpu = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    if gpu:
+        try:
+            return jax.nn.dot_product_attention(
+                q, k, v, bias=bias, mask=mask, scale=scale, is_causal=causal, implementation="cudnn"
+            )
+        except Exception:  # unsupported shape / cuDNN missing: the XLA path below is always available
+            pass
+    return jax.nn.dot_product_attention(
+        q, k, v, bias=bias, mask=mask, scale=scale, is_causal=causal, implementation="xla"
+    )
+
+
+class Attention(nn.Module):
+    """Self-attention: projections, RoPE, optional KV-cache write, ``attend``, output projection.
+
+    ``cache`` (optional) is ``{"k": [B,S,K,D], "v": [B,S,K,D]}``; the T new keys/values are written at slots
+    ``[index, index + T)`` and attention runs over all S slots under ``mask``.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    use_bias: bool = False
+    compute_dtype: Any = None
+    lora_config: Any = None
+    impl: str = "plain"
+
+    @nn.compact
+    def __call__(self, x, mask, bias=None, rope=None, cache=None, index=None, is_causal=False):
+        b, t, e = x.shape
+        dense = dict(use_bias=self.use_bias, compute_dtype=self.compute_dtype, lora_config=self.lora_config)
+        hd, kd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q = Dense(hd, ("embed", "heads"), name="q_proj", **dense)(x)
+        k = Dense(kd, ("embed", "kv_heads"), name="k_proj", **dense)(x)
+        v = Dense(kd, ("embed", "kv_heads"), name="v_proj", **dense)(x)
+        q = constrain(q.reshape(b, t, self.num_heads, self.head_dim), ("batch", "length", "act_heads", None))
+        k = constrain(
+            k.reshape(b, t, self.num_kv_heads, self.head_dim), ("batch", "length", "act_kv_heads", None)
+        )
+        v = constrain(
+            v.reshape(b, t, self.num_kv_heads, self.head_dim), ("batch", "length", "act_kv_heads", None)
+        )
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        new_cache = None
+        if cache is not None:
+            zero = jnp.zeros((), jnp.int32)
+            ck = jax.lax.dynamic_update_slice(
+                cache["k"], k.astype(cache["k"].dtype), (zero, index, zero, zero)
+            )
+            cv = jax.lax.dynamic_update_slice(
+                cache["v"], v.astype(cache["v"].dtype), (zero, index, zero, zero)
+            )
+            names = ("batch", "cache_length", "act_kv_heads", None)
+            new_cache = {"k": constrain(ck, names), "v": constrain(cv, names)}
+            k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+        out = attend(q, k, v, mask, bias, scale=self.head_dim**-0.5, impl=self.impl, is_causal=is_causal)
+        out = constrain(out, ("batch", "length", "act_heads", None)).reshape(b, t, hd)
+        y = Dense(e, ("heads", "embed"), name="o_proj", **dense)(out)
+        return y, new_cache

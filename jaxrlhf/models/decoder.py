@@ -1,0 +1,219 @@
+"""One decoder-only transformer whose options cover Llama 2/3, Mistral, OPT, BLOOM and GPT-2.
+
+Param tree (docs/INTERNALS.md): ``embed_tokens``, ``embed_positions``, ``embed_norm``, ``project_in``,
+``layers_{i}/{input_norm, attn/{q,k,v,o}_proj, post_attn_norm, mlp/{gate,up,down}_proj}``, ``final_norm``,
+``project_out``, ``lm_head`` (absent when tied).
+
+A layer is, with pre-norm (Llama, GPT-2, BLOOM, OPT pre-LN)::
+
+    h = x + attn(norm1(x));  out = h + mlp(norm2(h))
+
+with post-norm (OPT-350m, ``pre_norm=False``)::
+
+    h = norm1(x + attn(x));  out = norm2(h + mlp(h))
+
+and with BLOOM's ``residual_post_norm`` the residual branches start from the normed input instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxrlhf.models.attention import Attention, make_mask
+from jaxrlhf.models.layers import Dense, Embed, Norm, activation, alibi_slopes, rope_inv_freq, rope_tables
+from jaxrlhf.models.spec import ModelSpec
+from jaxrlhf.sharding import constrain
+
+ACT = ("batch", "length", "act_embed")
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class MLP(nn.Module):
+    spec: ModelSpec
+    compute_dtype: Any = None
+    lora_config: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        s = self.spec
+        kw = dict(use_bias=s.mlp_bias, compute_dtype=self.compute_dtype, lora_config=self.lora_config)
+        up = Dense(s.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
+        if s.gated_mlp:
+            gate = Dense(s.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
+            h = activation(s.activation, gate) * up
+        else:
+            h = activation(s.activation, up)
+        h = constrain(h, ("batch", "length", "act_mlp"))
+        return Dense(x.shape[-1], ("mlp", "embed"), name="down_proj", **kw)(h)
+
+
+class Block(nn.Module):
+    spec: ModelSpec
+    compute_dtype: Any = None
+    lora_config: Any = None
+    impl: str = "plain"
+
+    @nn.compact
+    def __call__(self, x, mask, bias, rope, cache, index, is_causal: bool = False):
+        s = self.spec
+        norm1 = Norm(s.norm_type, s.norm_eps, name="input_norm")
+        norm2 = Norm(s.norm_type, s.norm_eps, name="post_attn_norm")
+        attn = Attention(
+            s.num_heads,
+            s.num_kv_heads,
+            s.head_dim,
+            use_bias=s.attention_bias,
+            compute_dtype=self.compute_dtype,
+            lora_config=self.lora_config,
+            impl=self.impl,
+            name="attn",
+        )
+        mlp = MLP(s, self.compute_dtype, self.lora_config, name="mlp")
+        if s.pre_norm:
+            hn = norm1(x)
+            a, new_cache = attn(hn, mask, bias, rope, cache, index, is_causal)
+            h = (hn if s.residual_post_norm else x) + a.astype(x.dtype)
+            hn2 = norm2(h)
+            out = (hn2 if s.residual_post_norm else h) + mlp(hn2).astype(x.dtype)
+        else:
+            a, new_cache = attn(x, mask, bias, rope, cache, index, is_causal)
+            h = norm1(x + a.astype(x.dtype))
+            out = norm2(h + mlp(h).astype(x.dtype))
+        return constrain(out, ACT), new_cache
+
+
+class Decoder(nn.Module):
+    """Returns ``(logits [B,T,V] f32, hidden [B,T,E_out], new_cache)``; see :func:`jaxrlhf.models.forward`."""
+
+    spec: ModelSpec
+    compute_dtype: Any = None
+    lora_config: Any = None
+    impl: str = "plain"
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None, cache=None):
+        s = self.spec
+        b, t = input_ids.shape
+        mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        if segment_ids is not None:
+            mask = mask & (segment_ids != 0)
+        new_cache = None
+        if cache is None:
+            if positions is None:
+                positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+            q_slot = kv_slot = jnp.arange(t)
+            kv_pos, kv_valid, index = positions, mask, None
+        else:
+            index = cache["index"]
+            if positions is None:
+                prev = jnp.max(jnp.where(cache["valid"], cache["positions"], -1), axis=-1)
+                positions = prev[:, None] + 1 + jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+            zero = jnp.zeros((), jnp.int32)
+            kv_pos = jax.lax.dynamic_update_slice(
+                cache["positions"], positions.astype(jnp.int32), (zero, index)
+            )
+            kv_valid = jax.lax.dynamic_update_slice(cache["valid"], mask, (zero, index))
+            q_slot, kv_slot = index + jnp.arange(t), jnp.arange(kv_pos.shape[1])
+            new_cache = {"positions": kv_pos, "valid": kv_valid, "index": index + t}
+        positions = positions.astype(jnp.int32)
+        attn_mask = make_mask(
+            q_slot, kv_slot, kv_valid, positions, kv_pos, s.sliding_window, segment_ids, segment_ids
+        )
+        # the fused kernel may use its own causal mask when nothing else restricts attention
+        is_causal = (
+            cache is None and attention_mask is None and segment_ids is None and s.sliding_window is None
+        )
+        if is_causal and self.impl == "fused":
+            attn_mask = None
+
+        embed = Embed(
+            s.vocab_size,
+            s.word_embed_proj_dim or s.hidden_size,
+            compute_dtype=self.compute_dtype,
+            name="embed_tokens",
+        )
+        x = embed(input_ids)
+        if s.word_embed_proj_dim:
+            x = Dense(s.hidden_size, ("embed", "embed"), name="project_in", compute_dtype=self.compute_dtype)(
+                x
+            )
+        if s.position_type == "learned":
+            pos_table = Embed(
+                s.max_position_embeddings + s.learned_pos_offset,
+                s.hidden_size,
+                axes=("positions", "embed"),
+                compute_dtype=self.compute_dtype,
+                name="embed_positions",
+            )
+            x = x + pos_table(positions + s.learned_pos_offset).astype(x.dtype)
+        if s.embed_norm:
+            x = Norm(s.norm_type, s.norm_eps, name="embed_norm")(x)
+        x = constrain(x, ACT)
+
+        rope = bias = None
+        if s.position_type == "rope":
+            rope = rope_tables(positions, rope_inv_freq(s.head_dim, s.rope_theta, s.rope_scaling_dict))
+        elif s.position_type == "alibi":
+            # HF BLOOM: bias = slope_h * key_position (softmax is invariant to the per-query shift)
+            bias = alibi_slopes(s.num_heads)[None, :, None, None] * kv_pos[:, None, None, :].astype(
+                jnp.float32
+            )
+
+        block_cls = Block
+        if self.remat != "none":
+            if self.remat not in _REMAT_POLICIES:
+                raise ValueError(f"remat must be 'none', 'full' or 'save_dots', got {self.remat!r}")
+            block_cls = nn.remat(Block, policy=_REMAT_POLICIES[self.remat], static_argnums=(7,))
+        layer_caches = []
+        for i in range(s.num_layers):
+            layer_cache = None if cache is None else cache["layers"][i]
+            block = block_cls(s, self.compute_dtype, self.lora_config, self.impl, name=f"layers_{i}")
+            x, c = block(x, attn_mask, bias, rope, layer_cache, index, is_causal)
+            layer_caches.append(c)
+
+        if s.final_norm:
+            x = Norm(s.norm_type, s.norm_eps, name="final_norm")(x)
+        if s.word_embed_proj_dim:
+            x = Dense(
+                s.word_embed_proj_dim,
+                ("embed", "embed"),
+                name="project_out",
+                compute_dtype=self.compute_dtype,
+            )(x)
+        hidden = x
+        if s.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = LMHead(s.vocab_size, self.compute_dtype, name="lm_head")(x)
+        logits = constrain(logits, ("batch", "length", "act_vocab"))
+        if new_cache is not None:
+            new_cache["layers"] = tuple(layer_caches)
+        return logits, hidden, new_cache
+
+
+class LMHead(nn.Module):
+    """Untied output head ``kernel [E, V]``; logits accumulate in float32."""
+
+    vocab_size: int
+    compute_dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
+            (x.shape[-1], self.vocab_size),
+        )
+        dtype = self.compute_dtype or kernel.dtype
+        return jnp.einsum(
+            "...e,ev->...v", x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32
+        )
