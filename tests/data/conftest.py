@@ -18,3 +18,10 @@ def tok_dirs(tmp_path_factory):
         "bpe": _tokenizers.build_bpe_tokenizer_json(root),
         "tiktoken": _tokenizers.build_tiktoken(root),
     }
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_datasets():
+    import datasets
+
+    datasets.disable_progress_bars()
