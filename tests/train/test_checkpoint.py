@@ -5,7 +5,6 @@ import os
 import signal
 
 import chex
-import jax
 import numpy as np
 import pytest
 
