@@ -79,7 +79,11 @@ def _linear_modules(params: dict, prefix: tuple[str, ...] = ()) -> list[tuple[st
     out = []
     for k, v in params.items():
         if isinstance(v, dict):
-            if "kernel" in v and np.ndim(v["kernel"]) == 2:
+            if (
+                "kernel" in v
+                and len(np.shape(v["kernel"]) if not hasattr(v["kernel"], "shape") else v["kernel"].shape)
+                == 2
+            ):
                 out.append((*prefix, k))
             out += _linear_modules(v, (*prefix, k))
     return out
@@ -138,7 +142,7 @@ def init(spec: Any, params: dict, config: LoraConfig, rng: jax.Array, dtype: Any
     """Fresh adapters for the targets: ``lora_a [in, r] ~ U(-1/sqrt(in), 1/sqrt(in))``, ``lora_b = 0``."""
     adapters: dict = {}
     for i, m in enumerate(target_modules(spec, params, config)):
-        d_in, d_out = np.shape(_get(params, m)["kernel"])
+        d_in, d_out = _get(params, m)["kernel"].shape
         bound = 1.0 / math.sqrt(d_in)
         a = jax.random.uniform(jax.random.fold_in(rng, i), (d_in, config.rank), dtype, -bound, bound)
         _set(adapters, m, {"lora_a": a, "lora_b": jnp.zeros((config.rank, d_out), dtype)})

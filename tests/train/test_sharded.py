@@ -40,7 +40,9 @@ def test_sharded_matches_single_device(runs):
     spec, _, single, sharded, shard, _, losses = runs
     np.testing.assert_allclose(losses["sharded"], losses["single"], rtol=1e-5)
     assert losses["single"][-1] < losses["single"][0]
-    chex.assert_trees_all_close(jax.device_get(sharded.params), jax.device_get(single.params), atol=2e-5, rtol=1e-4)
+    chex.assert_trees_all_close(
+        jax.device_get(sharded.params), jax.device_get(single.params), atol=2e-5, rtol=1e-4
+    )
     # the sharding really happened: q_proj [embed=fsdp, heads=tensor] holds 1/8 of the kernel per device
     q = sharded.params["layers_0"]["attn"]["q_proj"]["kernel"]
     assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
