@@ -247,6 +247,8 @@ def process_row(row: dict[str, Any], fmt: str, kind: str, tokenizer, opts: dict)
                     raise RowError("string chosen/rejected need a prompt column", "prompt")
                 ids, mask = _pair(tokenizer, _text(row, "prompt", True), _text(row, side), opts, side)
             out[f"{side}_input_ids"], out[f"{side}_loss_mask"] = _finish(ids, mask)
+        if row.get("chosen") == row.get("rejected"):
+            raise RowError("chosen and rejected are identical (nothing to compare)", "rejected")
         margin = row.get("margin", 0.0)
         if margin is None:
             margin = 0.0

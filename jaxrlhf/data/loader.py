@@ -87,11 +87,11 @@ class Loader:
         self,
         dataset,
         batch_size: int,
-        *,
         seed: int = 0,
         shuffle: bool = True,
         process_index: int | None = None,
         process_count: int | None = None,
+        *,
         num_epochs: int | None = None,
         shuffle_buffer: int = 10_000,
     ):
@@ -112,6 +112,12 @@ class Loader:
             )
         self.epoch, self.step = 0, 0
         self._stream: Iterator | None = None
+
+    @classmethod
+    def from_config(cls, dataset, config, **kwargs) -> Loader:
+        """A loader with a DataConfig's ``batch_size``, ``seed``, ``shuffle`` and ``shuffle_buffer``."""
+        kwargs.setdefault("shuffle_buffer", config.shuffle_buffer)
+        return cls(dataset, config.batch_size, config.seed, config.shuffle, **kwargs)
 
     # ------------------------------------------------------------------------------------------- state
     def state(self) -> dict[str, int]:
