@@ -236,10 +236,8 @@ def test_sharded_generation_equals_unsharded(llama):
     ids, mask = padded_batch(np.random.default_rng(8), [3, 7, 5, 6], 7)
     cfg = SamplingConfig(max_new_tokens=10, temperature=0.8, top_k=30, stop_token_ids=(11,))
     ref = generation.generate(spec, params, ids, mask, jax.random.key(1), cfg)
-    out = generation.generate(
-        spec, sparams, sharding.shard_batch(jnp.asarray(ids), mesh), sharding.shard_batch(jnp.asarray(mask), mesh),
-        jax.random.key(1), cfg, mesh=mesh,
-    )  # fmt: skip
+    sids, smask = sharding.shard_batch((jnp.asarray(ids), jnp.asarray(mask)), mesh)
+    out = generation.generate(spec, sparams, sids, smask, jax.random.key(1), cfg, mesh=mesh)
     assert not out.tokens.sharding.is_fully_replicated
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_array_equal(out.mask, ref.mask)
