@@ -27,6 +27,7 @@ from jaxrlhf.data.formats import (
 )
 from jaxrlhf.data.packing import length_buckets, pack_examples
 from jaxrlhf.data.sources import BAD_ROW_FIELD, BAD_ROW_REASON, load_sources
+from jaxrlhf.data.templates import TEMPLATES
 
 _VERSION = "jaxrlhf-data-1"
 
@@ -64,6 +65,8 @@ class DataConfig:
     shuffle_buffer: int = 10_000
 
     def __post_init__(self):
+        if self.bucket_lengths is not None:  # YAML gives lists; keep the config hashable
+            object.__setattr__(self, "bucket_lengths", tuple(int(b) for b in self.bucket_lengths))
         check_on_bad_row(self.on_bad_row)
         if self.truncation not in TRUNCATIONS:
             raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {self.truncation!r}")
@@ -103,10 +106,13 @@ class TokenizedDataset:
 
 def _fingerprint(tokenizer, parts: list[Any]) -> str:
     files = []
+    paths = [tokenizer.path]
     if os.path.isdir(tokenizer.path):
-        for name in sorted(os.listdir(tokenizer.path)):
-            st = os.stat(os.path.join(tokenizer.path, name))
-            files.append((name, st.st_size, st.st_mtime_ns))
+        paths = [os.path.join(tokenizer.path, name) for name in sorted(os.listdir(tokenizer.path))]
+    for path in paths:
+        if os.path.isfile(path):
+            st = os.stat(path)
+            files.append((os.path.basename(path), st.st_size, st.st_mtime_ns))
     sig = [
         tokenizer.path,
         files,
@@ -229,6 +235,12 @@ def build_dataset(config: DataConfig, tokenizer, kind: str, *, split: str | None
                 f"cannot detect the format from columns {columns}; set format to one of {FORMATS}",
                 file=sources[0][0],
             )
+    if fmt == "messages" and tokenizer.chat_template is None:
+        raise DataError(
+            f"chat data needs a chat template and the tokenizer {tokenizer.path} has none; "
+            f"set template to one of {sorted(TEMPLATES)} (or a Jinja string)",
+            file=config.path,
+        )
     if fmt not in KIND_FORMATS[kind]:
         raise DataError(
             f"format {fmt!r} cannot feed a {kind!r} stage (accepted: {KIND_FORMATS[kind]})", file=config.path
@@ -274,6 +286,10 @@ def build_dataset(config: DataConfig, tokenizer, kind: str, *, split: str | None
     )
     if split == config.split:
         if config.eval_split is not None:
+            if os.path.isfile(config.path):
+                raise DataError(
+                    "a single file holds one split: use eval_fraction, or a directory", file=config.path
+                )
             result.eval = build_dataset(config, tokenizer, kind, split=config.eval_split)
         elif config.eval_fraction > 0:
             if config.streaming:

@@ -1,12 +1,12 @@
 """Raw rows from local files and directories (json, jsonl, parquet, csv, arrow, ``save_to_disk`` folders)
 or, when the user names one, a hub dataset id — all through ``datasets``.
 
-Local files are loaded one by one so that an error can name the file and the row inside it. A directory
-selects the files of a split by name (``train.jsonl``, ``train-00000.parquet``, ``train/part.csv``); when no
-file names a split, every file belongs to ``train``. When ``datasets`` cannot read a JSON-lines or CSV file
-(invalid UTF-8, invalid JSON, lone surrogates), the file is scanned line by line to name the bad row; under
-``on_bad_row="skip"`` the bad lines of a JSON-lines file are dropped (and counted) instead. Streaming reads
-check these files up front.
+Local files are loaded one by one so that an error can name the file and the row inside it. A single file
+is used whatever its name; a directory selects the files of a split by name (``train.jsonl``,
+``train-00000.parquet``, ``train/part.csv``); when no file names a split, every file belongs to ``train``.
+When ``datasets`` cannot read a JSON-lines or CSV file (invalid UTF-8, invalid JSON, lone surrogates), the
+file is scanned line by line to name the bad row; under ``on_bad_row="skip"`` the bad lines of a JSON-lines
+file are marked and then skipped (and counted) like any bad row. Streaming reads check these files up front.
 """
 
 from __future__ import annotations
@@ -44,11 +44,7 @@ def local_files(path: str, split: str) -> list[str]:
     if os.path.isfile(path):
         if _builder(path) is None:
             raise DataError(f"unsupported file type; use one of {sorted(_BUILDERS)}", file=path)
-        if split != "train" and _split_of(os.path.basename(path)) not in (split, None):
-            raise DataError(
-                f"file holds split {_split_of(os.path.basename(path))!r}, not {split!r}", file=path
-            )
-        return [path]
+        return [path]  # a single file is the one split it is named for
     files = []
     for root, _, names in os.walk(path):
         for name in names:
