@@ -96,7 +96,11 @@ def init_train_state(
     frozen_axes: Any = None,
 ) -> tuple[TrainState, TrainState | None]:
     """Build ``(state, shardings)``. With ``mesh`` the state is placed by its logical axes (the optimizer
-    state is created directly sharded); without, ``shardings`` is None and arrays stay where they are."""
+    state is created directly sharded); without, ``shardings`` is None and arrays stay where they are.
+
+    The state may share buffers with ``params`` / ``frozen``; a jitted step donates its state, so after
+    the first step those input arrays are invalid (pass copies if you still need them).
+    """
     key = _raw_key(rng)
     if mesh is None:
         state = TrainState(jnp.zeros((), jnp.int32), params, frozen, optimizer.init(params), key)
