@@ -283,3 +283,42 @@ def test_any_corruption_is_named_in_a_file(tmp_path_factory, bpe, n, bad, corrup
     ds = data.build_dataset(data.DataConfig(**cfg, on_bad_row="skip"), bpe, "sft")
     assert len(ds) == n - 1 and ds.skipped == 1
     assert sorted(ds.data["index"]) == [i for i in range(n) if i != bad]
+
+
+def test_chat_without_template_and_eval_split_of_a_file(tmp_path, tok_dirs, bpe):
+    plain = data.load_tokenizer(tok_dirs["bpe"])  # this tokenizer ships no chat template
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    with pytest.raises(data.DataError, match="needs a chat template"):
+        build(tmp_path, [{"messages": msgs}], plain, "sft")
+    with pytest.raises(data.DataError, match="single file holds one split"):
+        build(tmp_path, [{"text": "a b"}], bpe, "sft", eval_split="test", name="e.jsonl")
+
+
+def test_long_conversation_is_cut_from_the_left_keeping_the_last_turn(tmp_path, bpe):
+    msgs = []
+    for i in range(6):
+        msgs += [
+            {"role": "user", "content": f"question {i} " * 3},
+            {"role": "assistant", "content": f"answer {i}"},
+        ]
+    full_ids, full_mask = data.tokenize_chat(bpe, msgs)
+    ex = build(tmp_path, [{"messages": msgs}], bpe, "sft", max_length=40).data[0]
+    assert len(full_ids) > 40 and len(ex["input_ids"]) == 40
+    assert ex["input_ids"][:1] == list(bpe.prefix_ids)
+    assert ex["input_ids"][1:] == full_ids[-39:] and ex["loss_mask"][1:] == full_mask[-39:]
+    assert masked_text(bpe, ex["input_ids"], ex["loss_mask"]).endswith("answer 5<|im_end|>")
+
+
+def test_streaming_skips_and_logs_bad_rows(tmp_path, bpe, caplog):
+    rows = [
+        {"prompt": "a", "completion": "b"},
+        {"prompt": "a", "completion": ""},
+        {"prompt": "c", "completion": "d"},
+    ]
+    with caplog.at_level(logging.WARNING, logger="jaxrlhf.data"):
+        ds = build(tmp_path, rows, bpe, "sft", streaming=True, on_bad_row="skip")
+        got = list(ds.data)
+    assert [r["index"] for r in got] == [0, 2]
+    assert "row 1, field 'completion': is empty" in caplog.text
+    with pytest.raises(data.DataError, match="row 1, field 'completion'"):
+        list(build(tmp_path, rows, bpe, "sft", streaming=True, name="e.jsonl").data)
