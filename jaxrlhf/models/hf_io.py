@@ -152,8 +152,12 @@ def load_pretrained(
     path = _resolve_dir(path)
     spec = ModelSpec.from_hf_config(load_hf_config(path), source=os.path.join(path, "config.json"))
     readers = _open_files(path)
-    wspecs = hf_weight_specs(spec)
     where = {name: r for r in readers for name in r.names}
+    if spec.is_encoder_decoder:  # T5 config.json may misstate head tying; the tensors decide
+        from jaxrlhf.models import t5
+
+        spec = t5.spec_for_checkpoint(spec, where, lambda n: where[n].get(n))
+    wspecs = hf_weight_specs(spec)
     expected = {n for ws in wspecs for n in ws.hf_names}
     prefixes = hf_maps.PREFIXES.get(spec.model_type, ())
     resolve: dict[str, str] = {}  # expected name -> name in the files

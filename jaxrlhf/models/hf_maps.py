@@ -37,6 +37,10 @@ _IGNORABLE = (r".*rotary_emb\.inv_freq", r".*attn\.(masked_)?bias")
 def is_ignorable(spec: ModelSpec, name: str) -> bool:
     if spec.tie_word_embeddings and name == "lm_head.weight":
         return True  # some exporters write the tied head anyway
+    if spec.is_encoder_decoder:
+        from jaxrlhf.models import t5
+
+        return name in t5.hf_tied_copies(spec) or name in t5.HF_IGNORED_KEYS
     return any(re.fullmatch(p, name) for p in _IGNORABLE)
 
 

@@ -176,6 +176,40 @@ def test_save_pretrained_reloads_in_transformers(family, tmp_path):
     )
 
 
+def test_load_pretrained_from_transformers_save(family, tmp_path):
+    """A directory written by transformers itself (v5 always writes tie_word_embeddings=true for T5)."""
+    from jaxrlhf import models
+
+    name, model, _, _ = family
+    model.save_pretrained(str(tmp_path))
+    spec, params = models.load_pretrained(str(tmp_path))
+    assert spec.tie_word_embeddings == CONFIGS[name]["tie_word_embeddings"]
+    ids, mask, dec, dmask = _inputs()
+    ours = _forward(spec, params, ids, mask, decoder_input_ids=dec, decoder_attention_mask=dmask).logits
+    np.testing.assert_allclose(np.asarray(ours), _hf_logits(model, ids, mask, dec, dmask), atol=1e-4, rtol=0)
+
+
+def test_load_pretrained_full_state_dict_with_tied_copies(family, tmp_path):
+    """Older checkpoints (e.g. the hub's Flan-T5) also carry encoder/decoder.embed_tokens copies."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from jaxrlhf import models
+
+    name, model, spec, params = family
+    state = _state(model)
+    state[t5.HF_IGNORED_KEYS[0]] = np.zeros((8, 4), np.float32)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    config = model.config.to_dict()
+    config["tie_word_embeddings"] = CONFIGS[name]["tie_word_embeddings"]  # as transformers 4 wrote it
+    config.pop("scale_decoder_outputs")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded_spec, loaded = models.load_pretrained(str(tmp_path))
+    assert loaded_spec == spec
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
 @pytest.mark.parametrize("name, prefill", [("t5_v1_0", 1), ("flan_t5", 3)])
 def test_cached_decoding_equals_full_forward(name, prefill):
     """Encoder once, then a prefill of ``prefill`` decoder tokens and one token per step."""
