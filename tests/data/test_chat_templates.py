@@ -1,7 +1,9 @@
 """Assistant-only loss masks from unmarked templates equal the masks transformers computes from the same
 templates written with ``{% generation %}`` markers (``return_assistant_tokens_mask=True``)."""
 
+import hypothesis.strategies as st
 import pytest
+from hypothesis import HealthCheck, given, settings
 from transformers import AutoTokenizer
 
 from jaxrlhf import data
@@ -83,6 +85,11 @@ SPACED_MARKED = (
 @pytest.fixture(scope="module")
 def hf_toks(tok_dirs):
     return {n: AutoTokenizer.from_pretrained(tok_dirs[n], local_files_only=True) for n in ("sp_llama", "bpe")}
+
+
+@pytest.fixture(scope="module")
+def our_toks(tok_dirs):
+    return {n: data.load_tokenizer(tok_dirs[n]) for n in ("sp_llama", "bpe")}
 
 
 def _hf_mask(hf, template, messages):
@@ -199,3 +206,25 @@ def test_bad_conversations(tok_dirs):
     )
     with pytest.raises(data.TemplateError, match="not prefix-stable"):
         data.tokenize_chat(tok, CONVERSATIONS[1])
+
+
+_PIECES = ["a", "b", " ", "é", "🙂", "\n", ".", "!", "the", " the", "  ", "\n\n"]
+_content = st.lists(st.sampled_from(_PIECES), min_size=1, max_size=8).map("".join)
+
+
+@given(
+    system=st.one_of(st.none(), _content),
+    turns=st.lists(st.tuples(_content, _content), min_size=1, max_size=3),
+    name=st.sampled_from(sorted(MARKED)),
+    tok_name=st.sampled_from(["bpe", "sp_llama"]),
+)
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_random_conversations_match_generation_marker_masks(our_toks, hf_toks, system, turns, name, tok_name):
+    """Any contents (leading / trailing spaces and newlines, unicode) give transformers' marker masks."""
+    tok = our_toks[tok_name]
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    for user, assistant in turns:
+        if not assistant.strip():
+            assistant = "x" + assistant
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    _check_against_hf(tok, hf_toks[tok_name], data.TEMPLATES[name], MARKED[name], messages)
