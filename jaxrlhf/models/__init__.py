@@ -14,7 +14,7 @@ logical axis names (see ``jaxrlhf.sharding.LOGICAL_RULES``).
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from jaxrlhf import sharding
 from jaxrlhf.models.decoder import Decoder
+from jaxrlhf.models.outputs import ForwardOutput
 from jaxrlhf.models.spec import ConfigError, ModelSpec, load_hf_config
 
 __all__ = [
@@ -40,13 +41,6 @@ __all__ = [
     "param_axes",
     "save_pretrained",
 ]
-
-
-class ForwardOutput(NamedTuple):
-    logits: jax.Array  # [B, T, V] float32
-    hidden: jax.Array  # [B, T, E] final hidden states (after final norm / OPT project_out): heads read these
-    cache: Any  # updated KV cache or None
-    encoder_hidden: jax.Array | None  # T5 encoder output [B, S, E]; None for decoder-only
 
 
 def _t5():
@@ -107,14 +101,16 @@ def count_params(spec: ModelSpec) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(spec)))
 
 
-def init_cache(spec: ModelSpec, batch: int, max_len: int, dtype: Any = jnp.float32) -> dict:
+def init_cache(spec: ModelSpec, batch: int, max_len: int, dtype: Any = jnp.float32, **t5_kwargs: Any) -> dict:
     """Empty static KV cache: ``{"layers": ({"k","v": [B,S,K,D]},)*L, "positions": [B,S], "valid": [B,S],
-    "index": 0}``; see docs/INTERNALS.md for how ``forward`` fills it."""
+    "index": 0}``; see docs/INTERNALS.md for how ``forward`` fills it.
+
+    T5 also needs ``encoder_outputs=, encoder_mask=, params=`` (and ``lora=, lora_config=``): its cache holds
+    each layer's cross-attention K/V (see ``jaxrlhf.models.t5.init_cache``)."""
     if spec.is_encoder_decoder:
-        t5 = _t5()
-        if not hasattr(t5, "init_cache"):
-            raise NotImplementedError("jaxrlhf.models.t5 has no init_cache")
-        return t5.init_cache(spec, batch, max_len, dtype)
+        return _t5().init_cache(spec, batch, max_len, dtype, **t5_kwargs)
+    if t5_kwargs:
+        raise TypeError(f"init_cache: {sorted(t5_kwargs)} apply to encoder-decoder models only")
     kv = (batch, max_len, spec.num_kv_heads, spec.head_dim)
     return {
         "layers": tuple(
@@ -169,6 +165,8 @@ def forward(
             attention_impl=attention_impl,
             remat=remat,
             dropout_rng=dropout_rng,
+            positions=positions,  # T5: pairs (encoder_*, decoder_*)
+            segment_ids=segment_ids,
         )
     if decoder_input_ids is not None or encoder_outputs is not None:
         raise ValueError(
