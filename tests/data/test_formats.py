@@ -162,6 +162,7 @@ BAD_CASES = [
     ([{"messages": [{"role": "bot", "content": "hi"}]}], "sft", 0, "messages", "unknown role"),
     ([{"messages": "not a list"}], "sft", 0, "messages", "list of messages"),
     ([{"chosen": "b", "rejected": "c"}], "preference", 0, "prompt", "need a prompt"),
+    ([{"prompt": "a", "chosen": "same", "rejected": "same"}], "preference", 0, "rejected", "identical"),
 ]
 
 
