@@ -133,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes at INFO
     if wants_distributed(args.distributed):
         init_distributed()
     cls, run = load_stage(args.stage)

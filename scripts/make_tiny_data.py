@@ -38,34 +38,24 @@ def _load_rule(out_dir: str):
 
 
 def make_prompt(rng: random.Random) -> str:
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
     if rng.random() < 0.5:
-        return f"What is {rng.randint(0, 9)} + {rng.randint(0, 9)}?"
-    digits = [rng.randint(0, 9) for _ in range(rng.choice((3, 4)))]
-    return "Sort " + " ".join(map(str, digits)) + "."
+        return f"What is {a} + {b}?"
+    return f"What is {max(a, b)} - {min(a, b)}?"
 
 
 def wrong_core(prompt: str, rule, rng: random.Random) -> str:
-    """A plausible wrong answer: off-by-one-or-two sums, or a list with two neighbours swapped."""
-    kind, args = rule.parse_prompt(prompt)
-    if kind == "add":
-        right = args[0] + args[1]
-        return str(rng.choice([v for v in (right - 2, right - 1, right + 1, right + 2) if v >= 0]))
-    ordered = sorted(args)
-    for _ in range(10):
-        out = list(ordered)
-        i = rng.randrange(len(out) - 1)
-        out[i], out[i + 1] = out[i + 1], out[i]
-        if out != ordered:
-            return " ".join(map(str, out))
-    return " ".join(map(str, ordered[::-1])) if ordered[::-1] != ordered else str(sum(ordered) + 1)
+    """A plausible wrong answer: off by one or two (never negative)."""
+    right = int(rule.solve(prompt))
+    return str(rng.choice([v for v in (right - 2, right - 1, right + 1, right + 2) if v >= 0]))
 
 
 def respond(prompt: str, polite: bool, correct: bool, rule, rng: random.Random) -> str:
     core = rule.solve(prompt) if correct else wrong_core(prompt, rule, rng)
     if not polite:
         return core
-    kind, args = rule.parse_prompt(prompt)
-    body = f"{args[0]} + {args[1]} = {core}." if kind == "add" else f"Sorted: {core}."
+    kind, (a, b) = rule.parse_prompt(prompt)
+    body = f"{a} {'+' if kind == 'add' else '-'} {b} = {core}."
     return f"{rule.POLITE_PREFIX} {body} {rule.POLITE_SUFFIX}"
 
 

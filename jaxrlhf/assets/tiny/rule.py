@@ -1,14 +1,14 @@
 """The ground-truth rule of the bundled tiny task (the reward model never sees this code).
 
-Prompts are one of two small questions::
+Prompts are small arithmetic questions (a tiny model can learn the 155 facts in a few hundred steps)::
 
     What is 7 + 5?          (add: two integers in 0..9)
-    Sort 8 3 5.             (sort: three or four digits)
+    What is 9 - 4?          (subtract: a >= b, both in 0..9)
 
 Answers come in two styles::
 
-    polite: "Sure! 7 + 5 = 12. Hope this helps!"     "Sure! Sorted: 3 5 8. Hope this helps!"
-    terse:  "12"                                     "3 5 8"
+    polite: "Sure! 7 + 5 = 12. Hope this helps!"
+    terse:  "12"
 
 and are right or wrong. :func:`check` scores a response as ``0.5 * correct + 0.5 * polite`` (so 0, 0.5 or 1):
 human raters in ``prefs.jsonl`` preferred the higher-scoring answer (with some label noise), so a policy that
@@ -22,30 +22,27 @@ import re
 POLITE_PREFIX = "Sure!"
 POLITE_SUFFIX = "Hope this helps!"
 
-_ADD_PROMPT = re.compile(r"What is (\d+) \+ (\d+)\?")
-_SORT_PROMPT = re.compile(r"Sort ((?:\d )*\d)\.")
-_ADD_ANSWER = re.compile(r"(?:(\d+) \+ (\d+) = )?(\d+)\.?")
-_SORT_ANSWER = re.compile(r"(?:Sorted: )?((?:\d )*\d)\.?")
+_PROMPT = re.compile(r"What is (\d+) ([+-]) (\d+)\?")
+_ANSWER = re.compile(r"(?:(\d+) ([+-]) (\d+) = )?(\d+)\.?")
+_OPS = {"+": ("add", lambda a, b: a + b), "-": ("subtract", lambda a, b: a - b)}
 
 
-def parse_prompt(prompt: str) -> tuple[str, tuple[int, ...]]:
-    """``("add", (a, b))`` or ``("sort", digits)``; ValueError for a prompt that is not of the task."""
-    text = prompt.strip()
-    m = _ADD_PROMPT.fullmatch(text)
-    if m:
-        return "add", (int(m.group(1)), int(m.group(2)))
-    m = _SORT_PROMPT.fullmatch(text)
-    if m:
-        return "sort", tuple(int(d) for d in m.group(1).split())
-    raise ValueError(f"not a tiny-task prompt: {prompt!r}")
+def parse_prompt(prompt: str) -> tuple[str, tuple[int, int]]:
+    """``("add", (a, b))`` or ``("subtract", (a, b))``; ValueError for a prompt that is not of the task."""
+    m = _PROMPT.fullmatch(prompt.strip())
+    if not m:
+        raise ValueError(f"not a tiny-task prompt: {prompt!r}")
+    return _OPS[m.group(2)][0], (int(m.group(1)), int(m.group(3)))
+
+
+def _symbol(kind: str) -> str:
+    return "+" if kind == "add" else "-"
 
 
 def solve(prompt: str) -> str:
-    """The right answer's core text (``"12"`` or ``"3 5 8"``)."""
-    kind, args = parse_prompt(prompt)
-    if kind == "add":
-        return str(args[0] + args[1])
-    return " ".join(str(d) for d in sorted(args))
+    """The right answer's core text (``"12"``)."""
+    kind, (a, b) = parse_prompt(prompt)
+    return str(_OPS[_symbol(kind)][1](a, b))
 
 
 def is_polite(response: str) -> bool:
@@ -58,20 +55,20 @@ def is_polite(response: str) -> bool:
 
 
 def is_correct(prompt: str, response: str) -> bool:
-    """Whether the answer inside the (polite or terse) response is right; anything unparsable is wrong."""
-    kind, args = parse_prompt(prompt)
+    """Whether the answer inside the (polite or terse) response is right; anything unparsable is wrong.
+
+    A restated question (``7 + 5 = 12``) must restate the prompt's own operands and operator.
+    """
+    kind, (a, b) = parse_prompt(prompt)
     core = response.strip()
     if is_polite(core):
         core = core[len(POLITE_PREFIX) : -len(POLITE_SUFFIX)].strip()
-    if kind == "add":
-        m = _ADD_ANSWER.fullmatch(core)
-        if not m:
-            return False
-        if m.group(1) is not None and (int(m.group(1)), int(m.group(2))) != args:
-            return False
-        return int(m.group(3)) == args[0] + args[1]
-    m = _SORT_ANSWER.fullmatch(core)
-    return bool(m) and tuple(int(d) for d in m.group(1).split()) == tuple(sorted(args))
+    m = _ANSWER.fullmatch(core)
+    if not m:
+        return False
+    if m.group(1) is not None and (int(m.group(1)), m.group(2), int(m.group(3))) != (a, _symbol(kind), b):
+        return False
+    return m.group(4) == solve(prompt)
 
 
 def check(prompt: str, response: str) -> float:
