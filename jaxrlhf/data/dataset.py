@@ -207,6 +207,8 @@ def _pack(ds, max_length: int, tokenizer, config):
 def build_dataset(config: DataConfig, tokenizer, kind: str, *, split: str | None = None) -> TokenizedDataset:
     """Load, check, tokenize (and pack) ``config.path`` for a stage of ``kind`` (sft, preference, prompt,
     seq2seq). Returns a :class:`TokenizedDataset` whose ``eval`` is set by ``eval_split`` / ``eval_fraction``.
+    When ``config.template`` is set it becomes ``tokenizer.chat_template`` (so the stage checkpoint saves the
+    template the model was trained with).
     """
     import datasets
 
