@@ -78,9 +78,8 @@ def bench_batch(spec: ModelSpec, params, batch: int, prompt: int, new: int, args
     cfg = generation.SamplingConfig(
         max_new_tokens=new, min_new_tokens=new, temperature=0.0, stop_token_ids=()
     )
-    m, rcfg, pids, pmask = generation._prepare(
-        spec, params, ids, mask, cfg, None, dtype, dtype, args.attention, None
-    )
+    m = generation._Model(spec, None, dtype, dtype, args.attention)
+    rcfg, pids, pmask = generation._prepare(spec, ids, mask, cfg)
 
     def run(steps):
         return generation._generate_jit(

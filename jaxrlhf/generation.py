@@ -314,7 +314,16 @@ def _resolve(spec: ModelSpec, cfg: SamplingConfig) -> SamplingConfig:
     )
 
 
-def _prepare(spec, params, prompt_ids, prompt_mask, cfg, lora_config, compute_dtype, cache_dtype, impl, mesh):
+def _check_rng(rng: jax.Array | None, cfg: SamplingConfig) -> jax.Array:
+    if rng is None:
+        if not cfg.greedy:
+            raise ValueError("generate: rng=None is only allowed for greedy decoding (temperature=0.0)")
+        return jax.random.key(0)
+    return rng
+
+
+def _prepare(spec: ModelSpec, prompt_ids, prompt_mask, cfg: SamplingConfig):
+    """Check the prompts, pad their width on the left to its bucket, resolve the static config."""
     if np.ndim(prompt_ids) != 2:
         raise ValueError(f"prompt_ids must be [batch, length], got shape {np.shape(prompt_ids)}")
     if prompt_mask is None:
@@ -333,8 +342,7 @@ def _prepare(spec, params, prompt_ids, prompt_mask, cfg, lora_config, compute_dt
         xp = jnp if isinstance(prompt_ids, jax.Array) else np
         prompt_ids = xp.pad(prompt_ids, ((0, 0), (pad, 0)))
         prompt_mask = xp.pad(prompt_mask, ((0, 0), (pad, 0)))
-    m = _Model(spec, lora_config, compute_dtype, cache_dtype, impl, mesh)
-    return m, _resolve(spec, cfg), prompt_ids, prompt_mask
+    return _resolve(spec, cfg), prompt_ids, prompt_mask
 
 
 def generate(
@@ -357,7 +365,7 @@ def generate(
     Args:
       spec, params: the model (params may be sharded over ``mesh``).
       prompt_ids: [B, P] int token ids, padded left or right; prompt_mask: [B, P] (1 = token) or None.
-      rng: a PRNG key (unused when greedy).
+      rng: a PRNG key (may be None when greedy).
       cfg: SamplingConfig (``temperature=0.0`` is greedy).
       lora, lora_config: generate with adapters (PPO's policy); ``lora=None`` is the base model.
       compute_dtype: activation dtype of the forward (e.g. bf16); logits and sampling stay f32.
@@ -366,18 +374,9 @@ def generate(
     Returns:
       GenerateResult with R = B * cfg.n rows and N = cfg.max_new_tokens columns.
     """
-    m, rcfg, ids, mask = _prepare(
-        spec,
-        params,
-        prompt_ids,
-        prompt_mask,
-        cfg,
-        lora_config,
-        compute_dtype,
-        cache_dtype,
-        attention_impl,
-        mesh,
-    )
+    m = _Model(spec, lora_config, compute_dtype, cache_dtype, attention_impl, mesh)
+    rcfg, ids, mask = _prepare(spec, prompt_ids, prompt_mask, cfg)
+    rng = _check_rng(rng, cfg)
     out = _generate_jit(m, rcfg, params, ids, mask, rng, jnp.int32(cfg.max_new_tokens), lora)
     n = cfg.max_new_tokens
     if n == rcfg.max_new_tokens:
@@ -411,18 +410,9 @@ def stream(
     Prefill is one jitted call and decoding runs ``chunk`` steps per call of one jitted loop whose state is
     donated (updated in place); the draws equal :func:`generate`'s for the same rng.
     """
-    m, rcfg, ids, mask = _prepare(
-        spec,
-        params,
-        prompt_ids,
-        prompt_mask,
-        cfg,
-        lora_config,
-        compute_dtype,
-        cache_dtype,
-        attention_impl,
-        mesh,
-    )
+    m = _Model(spec, lora_config, compute_dtype, cache_dtype, attention_impl, mesh)
+    rcfg, ids, mask = _prepare(spec, prompt_ids, prompt_mask, cfg)
+    rng = _check_rng(rng, cfg)
     state, _ = _prefill_jit(m, rcfg, params, ids, mask, rng, lora)
     max_new, done_steps = jnp.int32(cfg.max_new_tokens), 0
     while done_steps < cfg.max_new_tokens:

@@ -18,7 +18,7 @@ from tests.models._hf_tiny import VOCAB, padded_batch, tiny_hf_causal_lm  # noqa
 
 NEW = 20
 LENGTHS = [3, 7, 5]  # unequal prompts, left-padded to 7
-FAMILIES = ["llama2", "llama3", "mistral", "opt", "opt_post", "bloom", "gpt2"]
+FAMILIES = ["llama3", "mistral", "opt", "bloom", "gpt2"]  # + T5 below; llama2 / OPT-350m: tests/models
 
 
 @functools.cache
@@ -251,6 +251,10 @@ def test_bad_prompts_are_rejected(llama):
     with pytest.raises(ValueError, match=r"prompt rows \[1\] have no tokens"):
         generation.generate(
             spec, params, np.ones((2, 3), np.int32), np.array([[1, 1, 1], [0, 0, 0]]), None, cfg
+        )
+    with pytest.raises(ValueError, match="rng=None is only allowed for greedy"):
+        generation.generate(
+            spec, params, np.ones((1, 3), np.int32), None, None, SamplingConfig(max_new_tokens=4)
         )
     with pytest.raises(ValueError, match="prompt_ids must be"):
         generation.generate(spec, params, np.ones((3,), np.int32), None, None, cfg)
