@@ -20,7 +20,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from jaxrlhf.config import ConfigError, dump_yaml, load_config
+import yaml
+
+from jaxrlhf.config import ConfigError, load_config, to_dict
 
 # stage name -> (module, config class names to look for, help)
 STAGES: dict[str, tuple[str, tuple[str, ...], str]] = {
@@ -126,9 +128,9 @@ def load_stage(name: str) -> tuple[type, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["generate"]:  # its own parser (argparse.REMAINDER cannot start with an option)
+        return _run_generate(argv[1:])
     args = _build_parser().parse_args(argv)
-    if args.stage == "generate":
-        return _run_generate(args.generate_args)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -144,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jaxrlhf {args.stage}: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        dump_yaml(config, "/dev/stdout")
+        yaml.safe_dump(to_dict(config), sys.stdout, sort_keys=False)
         return 0
     run(config)
     return 0
