@@ -87,6 +87,15 @@ class GenerateResult(NamedTuple):
         mask = jnp.concatenate([self.prompt_mask.astype(bool), self.mask], axis=1)
         return ids, mask
 
+    def decoder_input_ids(self, start_token_id: int) -> jax.Array:
+        """T5: ``[R, N]`` decoder inputs ``[start] ++ tokens[:-1]`` whose forward logits score ``tokens``.
+
+        ``models.forward(spec, params, prompt_ids, prompt_mask, decoder_input_ids=...)`` reproduces
+        ``raw_logprobs`` at the ``mask`` positions.
+        """
+        start = jnp.full((self.tokens.shape[0], 1), start_token_id, self.tokens.dtype)
+        return jnp.concatenate([start, self.tokens[:, :-1]], axis=1)
+
 
 class DecodeState(NamedTuple):
     """The while-loop carry. B rows, N = token-buffer length."""
@@ -216,7 +225,7 @@ def _cache_dtype(m: _Model, params: Any):
         return m.cache_dtype
     if m.compute_dtype is not None:
         return m.compute_dtype
-    return jax.tree.leaves(params)[0].dtype
+    return max(jax.tree.leaves(params), key=lambda x: x.size).dtype  # the embedding / largest kernel
 
 
 def _left_align(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:

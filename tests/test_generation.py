@@ -137,7 +137,7 @@ def test_t5_greedy_equals_transformers_and_forward(tmp_dir):
     result = generation.generate(spec, params, ids, mask, jax.random.key(0), cfg)
     _check_against_hf(result, hf_tokens, hf_logits, eos)
 
-    dec_in = jnp.concatenate([jnp.zeros((3, 1), jnp.int32), result.tokens[:, :-1]], axis=1)
+    dec_in = result.decoder_input_ids(spec.decoder_start_token_id)
     out = _forward(spec)(params, result.prompt_ids, result.prompt_mask, decoder_input_ids=dec_in)
     logp = jax.nn.log_softmax(out.logits, axis=-1)
     recomputed = jnp.take_along_axis(logp, result.tokens[..., None], -1)[..., 0]
