@@ -159,3 +159,16 @@ def test_dump_round_trip(tmp_path):
     out = tmp_path / "dump.yaml"
     dump_yaml(cfg, str(out))
     assert load_config(Cfg, str(out)) == cfg
+
+
+@pytest.mark.parametrize(
+    "path", ["configs/tiny/sft.yaml", "configs/llama3_8b/sft_lora.yaml", "configs/flan_t5_base/sft.yaml"]
+)
+def test_bundled_sft_configs_load(path):
+    import os
+
+    from jaxrlhf.stages.sft import SFTConfig
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(SFTConfig, os.path.join(root, path))
+    assert cfg.optim.total_steps > 0 and cfg.data.path
