@@ -45,6 +45,12 @@ LLAMA_1B = dict(
 TINY = dict(LLAMA_1B, vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
             intermediate_size=128)  # fmt: skip
 
+HF_SCRIPTS = (
+    "shared/baselines/hf_llama1b.py",
+    "../shared/baselines/hf_llama1b.py",
+    "/work/shared/baselines/hf_llama1b.py",
+)
+
 
 def card() -> str:
     return jax.devices()[0].device_kind
@@ -125,12 +131,24 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--attention", default="plain", choices=["plain", "fused"])
     p.add_argument("--with-hf", action="store_true", help="also run the transformers baseline script")
-    p.add_argument("--hf-script", default="/work/shared/baselines/hf_llama1b.py")
+    p.add_argument(
+        "--hf-script", default=None, help="default: shared/baselines/hf_llama1b.py here or in /work"
+    )
     args = p.parse_args(argv)
     batches = args.batch or ([1, 4] if args.tiny else [1, 64, 256])
     prompt = args.prompt or (16 if args.tiny else 128)
     new = args.new or (16 if args.tiny else 256)
 
+    if args.with_hf:  # first, before JAX claims most of the GPU's memory
+        candidates = [args.hf_script] if args.hf_script else list(HF_SCRIPTS)
+        script = next((c for c in candidates if os.path.exists(c)), None)
+        if script is None:
+            raise FileNotFoundError(
+                f"transformers baseline script not found (tried {candidates}); pass --hf-script"
+            )
+        cmd = [sys.executable, script, "generate", "--batch", *map(str, batches)]
+        cmd += ["--prompt", str(prompt), "--new", str(new)]
+        subprocess.run(cmd, check=True)
     bw = copy_bandwidth((64 << 20) if args.tiny else (4 << 30), args.repeats)
     print(json.dumps(dict(bench="copy_bandwidth", gb_per_s=bw / 1e9, card=card())), flush=True)
 
@@ -138,12 +156,6 @@ def main(argv=None) -> None:
     params = models.init_params(spec, jax.random.key(0), dtype=jnp.bfloat16)
     for batch in batches:
         print(json.dumps(bench_batch(spec, params, batch, prompt, new, args, bw)), flush=True)
-    if args.with_hf:
-        if not os.path.exists(args.hf_script):
-            raise FileNotFoundError(f"--hf-script {args.hf_script} does not exist")
-        cmd = [sys.executable, args.hf_script, "generate", "--batch", *map(str, batches)]
-        cmd += ["--prompt", str(prompt), "--new", str(new)]
-        subprocess.run(cmd, check=True)
 
 
 if __name__ == "__main__":
