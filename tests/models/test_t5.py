@@ -82,6 +82,19 @@ def _state_from_params(spec: ModelSpec, params: dict) -> dict[str, np.ndarray]:
     return state
 
 
+def _random_params(spec: ModelSpec, seed: int) -> dict:
+    """Random params of the right shapes, drawn in numpy (no per-spec compile of the jax initialiser)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda k: t5.init_params(spec, k), jax.random.key(0))
+
+    def draw(x):
+        if len(x.shape) == 1:  # norm scales
+            return jnp.asarray(1.0 + 0.2 * rng.normal(size=x.shape), jnp.float32)
+        return jnp.asarray(rng.normal(size=x.shape) * x.shape[0] ** -0.5, jnp.float32)
+
+    return jax.tree.map(draw, shapes)
+
+
 def _inputs():
     rng = np.random.default_rng(0)
     ids = rng.integers(1, V, (B, S))
@@ -150,7 +163,7 @@ def test_logits_match_hf_padded_batch(family):
 def test_state_dict_round_trip_loads_strict_in_transformers(family):
     """Params we initialise -> HF state dict -> strict load into a fresh model -> same logits as ours."""
     name, model, spec, _ = family
-    params = _init(spec, jax.random.key(1))
+    params = _random_params(spec, 1)
     state = _state_from_params(spec, params)
     fresh = transformers.T5ForConditionalGeneration(model.config).eval()
     if not spec.tie_word_embeddings:
@@ -166,7 +179,7 @@ def test_save_pretrained_reloads_in_transformers(family, tmp_path):
     if not hasattr(models, "save_pretrained"):
         pytest.skip("jaxrlhf.models.save_pretrained (hf_io) not available yet")
     name, model, spec, _ = family
-    params = _init(spec, jax.random.key(2))
+    params = _random_params(spec, 2)
     models.save_pretrained(spec, params, str(tmp_path))
     reloaded = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
     ids, mask, dec, dmask = _inputs()
@@ -229,6 +242,20 @@ def test_cached_decoding_equals_full_forward(name, prefill):
         and not bool(cache["valid"][:, T:].any())
     )
     np.testing.assert_allclose(np.concatenate(got, axis=1), np.asarray(full.logits), atol=1e-5, rtol=0)
+
+
+def test_precomputed_encoder_outputs_and_bf16_compute(flan):
+    spec, params = flan
+    ids, mask, dec, dmask = _inputs()
+    kw = dict(decoder_input_ids=dec, decoder_attention_mask=dmask)
+    full = _forward(spec, params, ids, mask, **kw)
+    reused = _forward(spec, params, None, mask, encoder_outputs=full.encoder_hidden, **kw)
+    np.testing.assert_allclose(np.asarray(reused.logits), np.asarray(full.logits), atol=1e-6, rtol=0)
+
+    low = _forward(spec, params, ids, mask, compute_dtype=jnp.bfloat16, **kw)
+    assert low.logits.dtype == jnp.float32 and low.hidden.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(low.logits) - np.asarray(full.logits)).max()
+    assert err < 0.05 * np.abs(np.asarray(full.logits)).max(), err
 
 
 def test_flan_t5_xl_param_count_abstract():
@@ -368,6 +395,10 @@ def test_packed_segments_equal_separate_examples(flan):
 def test_remat_and_fused_attention_keep_values_and_grads(flan):
     spec = flan[0].replace(num_layers=1, num_decoder_layers=1)  # one layer per stack keeps compiles short
     params = _init(spec, jax.random.key(4))
+    # HF's init scales: unit norms, shared ~ N(0, 1), k_proj ~ N(0, 1/E)
+    assert float(params["encoder"]["final_norm"]["scale"].min()) == 1.0
+    assert abs(float(params["shared"]["embedding"].std()) - 1.0) < 0.1
+    assert abs(float(params["encoder"]["layers_0"]["attn"]["k_proj"]["kernel"].std()) * 32**0.5 - 1.0) < 0.1
     ids, mask, dec, dmask = _inputs()
     w = jnp.asarray(np.random.default_rng(7).normal(size=(B, T, V)), jnp.float32)
 
