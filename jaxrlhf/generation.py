@@ -341,11 +341,19 @@ def _prepare(spec: ModelSpec, prompt_ids, prompt_mask, cfg: SamplingConfig):
         raise ValueError(
             f"prompt_mask shape {np.shape(prompt_mask)} != prompt_ids shape {np.shape(prompt_ids)}"
         )
+    width = np.shape(prompt_ids)[1]
+    longest = width
     if not isinstance(prompt_mask, jax.Array) or prompt_mask.is_fully_addressable:
-        empty = np.nonzero(np.asarray(prompt_mask).sum(axis=1) == 0)[0]
+        lengths = np.asarray(prompt_mask).astype(bool).sum(axis=1)
+        empty = np.nonzero(lengths == 0)[0]
         if empty.size:
             raise ValueError(f"prompt rows {empty.tolist()[:8]} have no tokens (prompt_mask is all zero)")
-    width = np.shape(prompt_ids)[1]
+        longest = int(lengths.max())
+    if spec.position_type == "learned" and longest + cfg.max_new_tokens > spec.max_position_embeddings:
+        raise ValueError(
+            f"prompt length {longest} + max_new_tokens {cfg.max_new_tokens} exceeds the model's "
+            f"{spec.max_position_embeddings} learned positions"
+        )
     pad = bucket_length(width) - width
     if pad:
         xp = jnp if isinstance(prompt_ids, jax.Array) else np

@@ -256,5 +256,10 @@ def test_bad_prompts_are_rejected(llama):
         generation.generate(
             spec, params, np.ones((1, 3), np.int32), None, None, SamplingConfig(max_new_tokens=4)
         )
+    gpt2 = spec.replace(model_type="gpt2", position_type="learned", max_position_embeddings=16)
+    with pytest.raises(ValueError, match="exceeds the model's 16 learned positions"):
+        generation.generate(
+            gpt2, params, np.ones((1, 3), np.int32), None, None, SamplingConfig(max_new_tokens=14)
+        )
     with pytest.raises(ValueError, match="prompt_ids must be"):
         generation.generate(spec, params, np.ones((3,), np.int32), None, None, cfg)
