@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -31,7 +31,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from jaxrlhf import sharding
-from jaxrlhf._sampling import SamplingConfig, candidates, sample, sampling_probs
+from jaxrlhf._sampling import (
+    DecodeState,
+    SamplingConfig,
+    StepFn,
+    candidates,
+    decode_loop,
+    sample,
+    sampling_probs,
+)
 from jaxrlhf.models.spec import ModelSpec
 
 __all__ = [
@@ -46,8 +54,6 @@ __all__ = [
     "sampling_probs",
     "stream",
 ]
-
-StepFn = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
 
 def bucket_length(n: int, minimum: int = 8) -> int:
@@ -95,68 +101,6 @@ class GenerateResult(NamedTuple):
         """
         start = jnp.full((self.tokens.shape[0], 1), start_token_id, self.tokens.dtype)
         return jnp.concatenate([start, self.tokens[:, :-1]], axis=1)
-
-
-class DecodeState(NamedTuple):
-    """The while-loop carry. B rows, N = token-buffer length."""
-
-    step: jax.Array  # int32 scalar: tokens sampled so far
-    cache: Any  # the model's KV cache
-    next_token: jax.Array  # [B] int32 token fed at this step
-    next_pos: jax.Array  # [B] int32 its position
-    tokens: jax.Array  # [B, N] int32
-    logprobs: jax.Array  # [B, N] f32
-    raw_logprobs: jax.Array  # [B, N] f32
-    done: jax.Array  # [B] bool: emitted a stop token
-    lengths: jax.Array  # [B] int32 valid tokens so far
-    rng: jax.Array
-
-
-def decode_loop(
-    step_fn: StepFn, state: DecodeState, cfg: SamplingConfig, max_new: jax.Array, until: jax.Array
-):
-    """Run ``while step < min(max_new, until) & ~all(done)``: feed, sample, record.
-
-    ``step_fn(cache, tokens [B], positions [B]) -> (logits [B, V], cache)`` is the model; ``cfg`` carries the
-    resolved ``stop_token_ids`` and ``pad_token_id`` (see :func:`_resolve`). Keys are ``fold_in(rng, step)``,
-    so chunked decoding (``until`` < ``max_new``) draws exactly what one long call draws.
-    """
-    stop_ids = cfg.stop_token_ids or ()
-    stop_arr = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
-    limit = jnp.minimum(max_new, until)
-    pad = cfg.pad_token_id or 0
-
-    def cond(s: DecodeState):
-        return (s.step < limit) & ~jnp.all(s.done)
-
-    def body(s: DecodeState) -> DecodeState:
-        logits, cache = step_fn(s.cache, s.next_token, s.next_pos)
-        tok, lp, raw = sample(
-            logits,
-            jax.random.fold_in(s.rng, s.step),
-            cfg,
-            stop_ids=stop_ids,
-            allow_stop=s.step >= cfg.min_new_tokens,
-        )
-        active = ~s.done
-        tok = jnp.where(active, tok, pad).astype(jnp.int32)
-        zero = jnp.zeros_like(lp)
-        write = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype), (0, s.step))
-        stopped = active & jnp.any(tok[:, None] == stop_arr[None, :], axis=-1) if stop_ids else s.done
-        return DecodeState(
-            step=s.step + 1,
-            cache=cache,
-            next_token=tok,
-            next_pos=s.next_pos + 1,
-            tokens=write(s.tokens, tok),
-            logprobs=write(s.logprobs, jnp.where(active, lp, zero)),
-            raw_logprobs=write(s.raw_logprobs, jnp.where(active, raw, zero)),
-            done=s.done | stopped,
-            lengths=s.lengths + active.astype(jnp.int32),
-            rng=s.rng,
-        )
-
-    return jax.lax.while_loop(cond, body, state)
 
 
 # ---------------------------------------------------------------------------------------------- model glue
