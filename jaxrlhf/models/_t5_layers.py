@@ -157,6 +157,93 @@ def attention_block(
     return dense(out, p["o_proj"], _child(lora, "o_proj"), cfg, sub_rng(rng, *path, "o_proj"))
 
 
+def encoder_layer(x, p, lp, bias, mask, rng, *, spec, cfg, impl, path):
+    """Pre-norm encoder block [B,S,E] -> [B,S,E]: ``x += attn(norm(x)); x += mlp(norm(x))``."""
+    eps, heads = spec.norm_eps, spec.num_heads
+    h = rms_norm(x, p["input_norm"]["scale"], eps)
+    x = x + attention_block(
+        h,
+        h,
+        p["attn"],
+        _child(lp, "attn"),
+        cfg,
+        rng,
+        num_heads=heads,
+        bias=bias,
+        mask=mask,
+        impl=impl,
+        path=path + ("attn",),
+    )
+    h = rms_norm(x, p["post_attn_norm"]["scale"], eps)
+    x = x + mlp(h, p["mlp"], _child(lp, "mlp"), cfg, rng, spec.activation, spec.gated_mlp, path + ("mlp",))
+    return constrain(x, ("batch", "length", "act_embed"))
+
+
+def decoder_layer(
+    x,
+    p,
+    lp,
+    self_bias,
+    self_mask,
+    enc,
+    cross_kv,
+    cross_mask,
+    layer_cache,
+    index,
+    rng,
+    *,
+    spec,
+    cfg,
+    impl,
+    path,
+):
+    """Decoder block [B,T,E] -> ([B,T,E], new layer cache or None): self-attn (writing the cache at
+    ``index`` when given), cross-attn over ``enc`` (or precomputed ``cross_kv``), MLP; each pre-norm."""
+    eps, heads = spec.norm_eps, spec.num_heads
+    h = rms_norm(x, p["input_norm"]["scale"], eps)
+    alp = _child(lp, "attn")
+    k = project_heads(h, p["attn"], alp, cfg, rng, "k_proj", heads, path + ("attn",))
+    v = project_heads(h, p["attn"], alp, cfg, rng, "v_proj", heads, path + ("attn",))
+    new_cache = None
+    if layer_cache is not None:
+        start = (0, index, 0, 0)
+        k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
+        v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
+        new_cache = {"k": k, "v": v}
+    x = x + attention_block(
+        h,
+        None,
+        p["attn"],
+        alp,
+        cfg,
+        rng,
+        num_heads=heads,
+        bias=self_bias,
+        mask=self_mask,
+        impl=impl,
+        path=path + ("attn",),
+        kv=(k, v),
+    )
+    h = rms_norm(x, p["cross_attn_norm"]["scale"], eps)
+    x = x + attention_block(
+        h,
+        enc,
+        p["cross_attn"],
+        _child(lp, "cross_attn"),
+        cfg,
+        rng,
+        num_heads=heads,
+        bias=None,
+        mask=cross_mask,
+        impl=impl,
+        path=path + ("cross_attn",),
+        kv=cross_kv,
+    )
+    h = rms_norm(x, p["post_attn_norm"]["scale"], eps)
+    x = x + mlp(h, p["mlp"], _child(lp, "mlp"), cfg, rng, spec.activation, spec.gated_mlp, path + ("mlp",))
+    return constrain(x, ("batch", "length", "act_embed")), new_cache
+
+
 # ------------------------------------------------------------------------- relative position buckets
 
 

@@ -90,27 +90,6 @@ def _bias(spec: ModelSpec, table, q_pos, k_pos, bidirectional: bool) -> jax.Arra
     )
 
 
-def _encoder_layer(x, p, lp, bias, mask, rng, *, spec, cfg, impl, path):
-    eps, heads = spec.norm_eps, spec.num_heads
-    h = L.rms_norm(x, p["input_norm"]["scale"], eps)
-    x = x + L.attention_block(
-        h,
-        h,
-        p["attn"],
-        _child(lp, "attn"),
-        cfg,
-        rng,
-        num_heads=heads,
-        bias=bias,
-        mask=mask,
-        impl=impl,
-        path=path + ("attn",),
-    )
-    h = L.rms_norm(x, p["post_attn_norm"]["scale"], eps)
-    x = x + L.mlp(h, p["mlp"], _child(lp, "mlp"), cfg, rng, spec.activation, spec.gated_mlp, path + ("mlp",))
-    return constrain(x, ("batch", "length", "act_embed"))
-
-
 def encode(
     spec: ModelSpec,
     params: dict,
@@ -146,73 +125,10 @@ def encode(
     for i in range(spec.num_layers):
         name = f"layers_{i}"
         fn = functools.partial(
-            _encoder_layer, spec=spec, cfg=lora_config, impl=attention_impl, path=("encoder", name)
+            L.encoder_layer, spec=spec, cfg=lora_config, impl=attention_impl, path=("encoder", name)
         )
         x = _remat(fn, remat)(x, enc[name], _child(elora, name), bias, attn_mask, dropout_rng)
     return L.rms_norm(x, enc["final_norm"]["scale"], spec.norm_eps)
-
-
-def _decoder_layer(
-    x,
-    p,
-    lp,
-    self_bias,
-    self_mask,
-    enc,
-    cross_kv,
-    cross_mask,
-    layer_cache,
-    index,
-    rng,
-    *,
-    spec,
-    cfg,
-    impl,
-    path,
-):
-    eps, heads = spec.norm_eps, spec.num_heads
-    h = L.rms_norm(x, p["input_norm"]["scale"], eps)
-    alp = _child(lp, "attn")
-    k = L.project_heads(h, p["attn"], alp, cfg, rng, "k_proj", heads, path + ("attn",))
-    v = L.project_heads(h, p["attn"], alp, cfg, rng, "v_proj", heads, path + ("attn",))
-    new_cache = None
-    if layer_cache is not None:
-        start = (0, index, 0, 0)
-        k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
-        v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
-        new_cache = {"k": k, "v": v}
-    x = x + L.attention_block(
-        h,
-        None,
-        p["attn"],
-        alp,
-        cfg,
-        rng,
-        num_heads=heads,
-        bias=self_bias,
-        mask=self_mask,
-        impl=impl,
-        path=path + ("attn",),
-        kv=(k, v),
-    )
-    h = L.rms_norm(x, p["cross_attn_norm"]["scale"], eps)
-    x = x + L.attention_block(
-        h,
-        enc,
-        p["cross_attn"],
-        _child(lp, "cross_attn"),
-        cfg,
-        rng,
-        num_heads=heads,
-        bias=None,
-        mask=cross_mask,
-        impl=impl,
-        path=path + ("cross_attn",),
-        kv=cross_kv,
-    )
-    h = L.rms_norm(x, p["post_attn_norm"]["scale"], eps)
-    x = x + L.mlp(h, p["mlp"], _child(lp, "mlp"), cfg, rng, spec.activation, spec.gated_mlp, path + ("mlp",))
-    return constrain(x, ("batch", "length", "act_embed")), new_cache
 
 
 def forward(
@@ -311,7 +227,7 @@ def forward(
     for i in range(n_dec):
         name = f"layers_{i}"
         fn = functools.partial(
-            _decoder_layer, spec=spec, cfg=lora_config, impl=attention_impl, path=("decoder", name)
+            L.decoder_layer, spec=spec, cfg=lora_config, impl=attention_impl, path=("decoder", name)
         )
         x, lc = _remat(fn, remat)(
             x,
@@ -370,6 +286,8 @@ def init_cache(
     Returns ``{"layers": ({"k","v"}: [B,L,H,D], ...), "cross": ({"k","v"}: [B,S,H,D], ...),
     "encoder_mask": [B,S] bool, "positions": [B,L] int32, "valid": [B,L] bool, "index": int32 scalar}``.
     Pass the same ``lora`` as to :func:`forward` when cross-attention k/v projections carry adapters.
+    ``max_len`` must cover every decoder token fed through the cache: like any ``dynamic_update_slice``,
+    a write past the end is clamped by XLA and would overwrite the last slots.
     """
     _check_spec(spec)
     h, d = spec.num_heads, spec.head_dim
