@@ -166,7 +166,7 @@ def _rope(config: dict) -> tuple[float, tuple | None]:
     theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
     scaling = config.get("rope_scaling") or {k: v for k, v in params.items() if k != "rope_theta"}
     if scaling:
-        scaling = dict(scaling)
+        scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
         rtype = scaling.pop("rope_type", scaling.pop("type", "default"))
         if rtype in (None, "default"):
             return theta, None

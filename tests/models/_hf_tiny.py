@@ -131,7 +131,7 @@ def tiny_hf_causal_lm(
 
 
 def hf_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray | None = None):
-    """Logits ``[B, T, V]`` (float32 numpy) of an HF model; ``positions`` passed as ``position_ids`` if given."""
+    """Logits ``[B, T, V]`` (f32 numpy) of an HF model; ``positions`` go in as ``position_ids`` if given."""
     kw = {}
     if positions is not None:
         kw["position_ids"] = torch.as_tensor(np.asarray(positions), dtype=torch.long)
