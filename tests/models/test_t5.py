@@ -335,6 +335,38 @@ def test_lora_equals_merged_weights_and_cache(flan):
     np.testing.assert_allclose(np.asarray(out.logits), ref, atol=1e-4, rtol=0)
 
 
+def test_lora_peft_export_matches_peft_on_transformers(flan, tmp_path):
+    """All-linear LoRA on Flan-T5: our forward == peft's LoRA on the HF model after lora.save_peft."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    from jaxrlhf import lora as lora_lib
+
+    spec, params = flan
+    cfg = lora_lib.LoraConfig(rank=4, alpha=8.0, targets=("all-linear",))
+    adapters = lora_lib.init(spec, params, cfg, jax.random.key(0))
+    rng = np.random.default_rng(11)
+    adapters = jax.tree.map(lambda x: x + jnp.asarray(0.1 * rng.normal(size=x.shape), x.dtype), adapters)
+    assert "lora_a" in adapters["decoder"]["layers_2"]["cross_attn"]["k_proj"]
+    ids, mask, dec, dmask = _inputs()
+    ours = _forward(
+        spec,
+        params,
+        ids,
+        mask,
+        decoder_input_ids=dec,
+        decoder_attention_mask=dmask,
+        lora=adapters,
+        lora_config=cfg,
+    ).logits
+    lora_lib.save_peft(spec, adapters, cfg, tmp_path / "adapter")
+    hf = copy.deepcopy(_family("flan_t5")[1])
+    ref = _hf_logits(
+        peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval(), ids, mask, dec, dmask
+    )
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
+
+
 def test_lora_dropout_closed_form():
     """dense(): y = x W + scale * (keep * x / (1 - p)) a b, keep ~ Bernoulli(1 - p) from the given key."""
     from jaxrlhf.models import _t5_layers as layers
