@@ -17,11 +17,10 @@ Targets (``LoraConfig.targets``), each one of:
     ``"c_proj"``): every layer whose last path component (or HF module name) equals it;
   - otherwise a regex, ``re.fullmatch``-ed against our module paths (``r"layers_\\d+/attn/(q|k|v|o)_proj"``).
 
-PEFT export / import (:func:`save_peft`, :func:`load_peft`) map our module paths onto Hugging Face module
-names through the models' weight specs: works for every module that is one HF ``nn.Linear`` / ``Conv1D``
-(llama, mistral, opt, t5; gpt2 ``o_proj``/``up_proj``/``down_proj``; bloom ``o_proj``/MLP). Adapters on
-q/k/v of GPT-2 and BLOOM (fused ``c_attn`` / ``query_key_value`` in HF) cannot be written as one peft
-adapter of the same rank and raise a clear error.
+PEFT export / import (:func:`save_peft`, :func:`load_peft`, in ``jaxrlhf/_peft.py``) map our module paths
+onto Hugging Face module names through the models' weight specs, for every family (llama, mistral, opt,
+bloom, gpt2, t5); GPT-2 / BLOOM q, k, v become one exact adapter on the fused ``c_attn`` /
+``query_key_value`` module (block-diagonal B, peft ``rank_pattern``).
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 from typing import Any
 
@@ -89,21 +87,17 @@ def _linear_modules(params: dict, prefix: tuple[str, ...] = ()) -> list[tuple[st
     return out
 
 
-def hf_module_names(spec: Any) -> dict[tuple[str, ...], str | None]:
-    """Our Dense module path -> HF module name (``model.layers.0.self_attn.q_proj``); None when the HF
-    tensor is fused over several of our modules (GPT-2 / BLOOM q, k, v)."""
+def hf_module_names(spec: Any) -> dict[tuple[str, ...], str]:
+    """Our Dense module path -> HF module name (``model.layers.0.self_attn.q_proj``); GPT-2 / BLOOM q, k
+    and v all map to their one fused HF module (``transformer.h.0.attn.c_attn``)."""
     from jaxrlhf.models.hf_io import hf_weight_specs
 
-    out: dict[tuple[str, ...], str | None] = {}
+    out: dict[tuple[str, ...], str] = {}
     for ws in hf_weight_specs(spec):
-        kernels = [p for p in ws.paths if p[-1] == "kernel"]
-        if not kernels:
-            continue
-        if len(ws.paths) == 1 and len(ws.hf_names) == 1 and ws.hf_names[0].endswith(".weight"):
-            out[kernels[0][:-1]] = ws.hf_names[0][: -len(".weight")]
-        else:
-            for p in kernels:
-                out[p[:-1]] = None
+        if len(ws.hf_names) == 1 and ws.hf_names[0].endswith(".weight"):
+            for p in ws.paths:
+                if p[-1] == "kernel":
+                    out[p[:-1]] = ws.hf_names[0][: -len(".weight")]
     return out
 
 
@@ -187,120 +181,16 @@ def merge(params: dict, adapters: dict, config: LoraConfig) -> dict:
 
 # ---------------------------------------------------------------------------------------------- peft
 
+from jaxrlhf._peft import load_peft, save_peft  # noqa: E402  (PEFT directory export / import)
 
-def _peft_map(spec: Any, mods: list[tuple[str, ...]]) -> dict[tuple[str, ...], str]:
-    names = hf_module_names(spec)
-    out, fused = {}, []
-    for m in mods:
-        hf = names.get(m)
-        if hf is None:
-            fused.append("/".join(m))
-        else:
-            out[m] = hf
-    if fused:
-        raise ValueError(
-            f"{spec.model_type}: adapters on {fused} have no single Hugging Face module (fused q/k/v in HF); "
-            "peft export supports one-to-one linear layers only"
-        )
-    return out
-
-
-def _task_type(spec: Any) -> str:
-    return "SEQ_2_SEQ_LM" if spec.is_encoder_decoder else "CAUSAL_LM"
-
-
-def save_peft(
-    spec: Any,
-    adapters: dict,
-    config: LoraConfig,
-    out_dir: str | os.PathLike,
-    *,
-    base_model: str | None = None,
-) -> str:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``PeftModel.from_pretrained`` loads.
-
-    Tensor names: ``base_model.model.<hf module>.lora_A.weight [r, in]`` and ``...lora_B.weight [out, r]``.
-    """
-    from safetensors.numpy import save_file
-
-    mods = modules(adapters)
-    mapping = _peft_map(spec, mods)
-    tensors = {}
-    for m, hf in mapping.items():
-        ad = _get(adapters, m)
-        a = np.asarray(jax.device_get(ad["lora_a"]), np.float32)
-        b = np.asarray(jax.device_get(ad["lora_b"]), np.float32)
-        tensors[f"base_model.model.{hf}.lora_A.weight"] = np.ascontiguousarray(a.T)
-        tensors[f"base_model.model.{hf}.lora_B.weight"] = np.ascontiguousarray(b.T)
-    cfg = {
-        "peft_type": "LORA",
-        "task_type": _task_type(spec),
-        "r": config.rank,
-        "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
-        "use_rslora": config.use_rslora,
-        # exact module names: peft adapts precisely these layers (a name matches itself or a ".name" suffix)
-        "target_modules": sorted(mapping.values()),
-        "bias": "none",
-        "fan_in_fan_out": spec.model_type == "gpt2",
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "base_model_name_or_path": base_model,
-        "modules_to_save": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-    }
-    out = os.fspath(out_dir)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "adapter_config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    save_file(tensors, os.path.join(out, "adapter_model.safetensors"))
-    return out
-
-
-def load_peft(spec: Any, in_dir: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[dict, LoraConfig]:
-    """Read a peft LoRA adapter dir into ``(adapters, LoraConfig)`` (the inverse of :func:`save_peft`)."""
-    from safetensors.numpy import load_file
-
-    d = os.fspath(in_dir)
-    cfg_file = os.path.join(d, "adapter_config.json")
-    if not os.path.isfile(cfg_file):
-        raise FileNotFoundError(f"{d}: no adapter_config.json (not a peft adapter directory)")
-    with open(cfg_file) as f:
-        c = json.load(f)
-    if c.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{cfg_file}: peft_type {c.get('peft_type')!r} is not LORA")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if c.get(key):
-            raise ValueError(f"{cfg_file}: {key} (per-module ranks) is not supported")
-    weights_file = os.path.join(d, "adapter_model.safetensors")
-    if not os.path.isfile(weights_file):
-        raise FileNotFoundError(f"{d}: no adapter_model.safetensors")
-    tensors = load_file(weights_file)
-    by_hf = {hf: m for m, hf in hf_module_names(spec).items() if hf is not None}
-    adapters: dict = {}
-    modules_seen: list[str] = []
-    for name, arr in tensors.items():
-        mt = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight", name)
-        if mt is None:
-            raise ValueError(f"{weights_file}: unexpected tensor {name!r}")
-        hf, ab = mt.groups()
-        if hf not in by_hf:
-            raise ValueError(
-                f"{weights_file}: tensor {name!r}: module {hf!r} is not a linear layer of {spec.model_type}"
-            )
-        m = by_hf[hf]
-        layer = adapters
-        for k in m:
-            layer = layer.setdefault(k, {})
-        layer["lora_a" if ab == "A" else "lora_b"] = jnp.asarray(arr.T, dtype)
-        modules_seen.append(m[-1])
-    names = tuple(sorted(set(modules_seen)))
-    config = LoraConfig(
-        rank=int(c["r"]),
-        alpha=float(c["lora_alpha"]),
-        dropout=float(c.get("lora_dropout", 0.0)),
-        targets=names,
-        use_rslora=bool(c.get("use_rslora", False)),
-    )
-    return adapters, config
+__all__ = [
+    "LoraConfig",
+    "hf_module_names",
+    "init",
+    "load_peft",
+    "merge",
+    "modules",
+    "param_axes",
+    "save_peft",
+    "target_modules",
+]

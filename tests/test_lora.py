@@ -120,10 +120,37 @@ def test_only_adapters_train(llama):
     assert float(jnp.abs(b).max()) > 0  # B left zero: the adapters moved
 
 
-def test_fused_qkv_export_is_refused(tmp_path):
-    spec = models.ModelSpec.from_hf_config(tiny_hf_config("gpt2").to_dict())
-    params = models.abstract_params(spec)
-    cfg = lora.LoraConfig(rank=2, targets=("q_proj",))
-    ad = lora.init(spec, params, cfg, jax.random.PRNGKey(0))
-    with pytest.raises(ValueError, match="fused q/k/v"):
-        lora.save_peft(spec, ad, cfg, tmp_path)
+@pytest.mark.parametrize(
+    "family, targets, rslora",
+    [
+        ("opt", ("all-linear",), False),
+        ("gpt2", ("q_proj", "v_proj", "up_proj"), True),
+        ("bloom", ("query_key_value", "dense_4h_to_h"), False),
+    ],
+)
+def test_peft_parity_other_families(tmp_path, family, targets, rslora):
+    """OPT (renamed modules), GPT-2 (Conv1D, fused c_attn: q and v only) and BLOOM (fused, head-interleaved
+    query_key_value): peft's logits on our export equal ours, and load_peft gives the same function back."""
+    import torch
+    from peft import PeftModel
+
+    hf_model, path = tiny_hf_causal_lm(family, tmp_path)
+    spec, params = models.load_pretrained(path)
+    cfg = lora.LoraConfig(rank=3, alpha=5, targets=targets, use_rslora=rslora)
+    ad = _random_adapters(spec, params, cfg)
+    ids, _ = _inputs()
+    mask = np.ones_like(ids)  # no padding: HF GPT-2 numbers positions 0.. regardless of the mask
+    fwd = jax.jit(
+        lambda a, c: models.forward(spec, params, ids, mask, lora=a, lora_config=c).logits, static_argnums=1
+    )
+    ours = np.asarray(fwd(ad, cfg))
+    lora.save_peft(spec, ad, cfg, tmp_path / "adapter")
+    peft_model = PeftModel.from_pretrained(hf_model, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        ref = peft_model(
+            input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)
+        ).logits
+    m = mask.astype(bool)
+    np.testing.assert_allclose(ours[m], ref.numpy()[m], atol=1e-4)
+    loaded, cfg2 = lora.load_peft(spec, tmp_path / "adapter")
+    np.testing.assert_allclose(np.asarray(fwd(loaded, cfg2))[m], ours[m], atol=1e-5)
