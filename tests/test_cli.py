@@ -32,6 +32,7 @@ def test_sft_subprocess_writes_stage_checkpoint_and_metrics(tmp_path, tmp_path_f
         "optim.warmup_steps=0",
         "train.log_every=2",
         "checkpoint.every=2",
+        "optim.grad_accum=2",
         "data.eval_fraction=0",
         "samples.num=0",
         "export.hf=false",

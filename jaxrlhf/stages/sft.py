@@ -24,8 +24,9 @@ import os
 from typing import Any, NamedTuple
 
 import jax
+from jax.sharding import NamedSharding
 
-from jaxrlhf import data, losses, models
+from jaxrlhf import data, losses, models, sharding
 from jaxrlhf import lora as lora_lib
 from jaxrlhf import train as train_lib
 from jaxrlhf.config import dump_yaml, to_dict
@@ -129,7 +130,8 @@ def make_loss_fn(spec: models.ModelSpec, cfg: SFTConfig, lora_config: lora_lib.L
 
 
 class _Batches:
-    """Loader -> global (optionally micro-batched) arrays; ``state()`` for the checkpoint."""
+    """Loader -> global arrays (``[k, B/k, ...]`` micro-batches when ``grad_accum = k > 1``); ``state()``
+    for the checkpoint. Each process passes its own rows (``jax.make_array_from_process_local_data``)."""
 
     def __init__(self, loader: data.Loader, mesh, grad_accum: int):
         self.loader, self.mesh, self.k = loader, mesh, grad_accum
@@ -142,20 +144,16 @@ class _Batches:
 
     def __next__(self):
         batch = next(self.loader)
-        if self.k > 1:
-            import numpy as np
-
-            batch = {n: np.reshape(x, (self.k, -1) + x.shape[1:]) for n, x in batch.items()}
-            return jax.tree.map(lambda x: jax.device_put(x, _micro_sharding(self.mesh, x.ndim)), batch)
-        return data.to_global(batch, self.mesh)
-
-
-def _micro_sharding(mesh, ndim):
-    from jax.sharding import NamedSharding
-
-    from jaxrlhf import sharding
-
-    return NamedSharding(mesh, sharding.logical_to_spec((None, "batch") + (None,) * (ndim - 2), mesh))
+        if self.k == 1:
+            return data.to_global(batch, self.mesh)
+        out = {}
+        for name, x in batch.items():
+            if x.shape[0] % self.k:
+                raise ValueError(f"per-host batch {x.shape[0]} is not divisible by optim.grad_accum={self.k}")
+            x = x.reshape((self.k, x.shape[0] // self.k) + x.shape[1:])
+            spec = sharding.logical_to_spec((None, "batch") + (None,) * (x.ndim - 2), self.mesh)
+            out[name] = jax.make_array_from_process_local_data(NamedSharding(self.mesh, spec), x)
+        return out
 
 
 def run(config: SFTConfig) -> SFTResult:
@@ -168,12 +166,8 @@ def run(config: SFTConfig) -> SFTResult:
     tokenizer = common.load_tokenizer(config.tokenizer, model_path, out)
     rng = jax.random.PRNGKey(config.train.seed)
     spec, params = common.load_model(config.model, model_path, tokenizer, mesh, rng)
-    logger.info(
-        "model %s: %.2fM params on mesh %s",
-        spec.model_type,
-        models.count_params(spec) / 1e6,
-        dict(mesh.shape),
-    )
+    n_params = models.count_params(spec)
+    logger.info("model %s: %.2fM params on mesh %s", spec.model_type, n_params / 1e6, dict(mesh.shape))
 
     dcfg = common.data_config(config.data, out)
     kind = "seq2seq" if spec.is_encoder_decoder else "sft"
@@ -246,7 +240,7 @@ def run(config: SFTConfig) -> SFTResult:
             writer.write(0, {f"eval/{k}": v for k, v in first_eval.items()})
         logger.info("eval at step 0: %s", first_eval)
     seq = dcfg.max_length
-    flops = train_lib.flops_per_token(models.count_params(spec), spec.num_layers, seq, spec.hidden_size)
+    flops = train_lib.flops_per_token(n_params, spec.num_layers, seq, spec.hidden_size)
     result = train_lib.train_loop(
         state,
         step_fn,
