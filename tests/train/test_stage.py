@@ -14,7 +14,9 @@ from tests.train._lm import TINY_LLAMA
 def _tokenizer_dir(tmp_path):
     d = tmp_path / "tok"
     d.mkdir()
-    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}", "eos_token": "</s>"}))
+    (d / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": "{{ messages }}", "eos_token": "</s>"})
+    )
     (d / "tokenizer.json").write_text("{}")
     return d
 
@@ -26,9 +28,17 @@ def test_stage_round_trip_and_sharded_load(tmp_path):
     ad = lora.init(spec, params, cfg, jax.random.PRNGKey(1))
     head = {"kernel": np.arange(32, dtype=np.float32).reshape(32, 1)}
     out = tmp_path / "sft"
-    train.save_stage(out, spec, params, lora=ad, lora_config=cfg, tokenizer_dir=_tokenizer_dir(tmp_path),
-                     stage_info={"stage": "sft", "steps": 3}, extras={"reward_head": head},
-                     json_extras={"reward_stats": {"mean": 0.5, "std": 2.0}})
+    train.save_stage(
+        out,
+        spec,
+        params,
+        lora=ad,
+        lora_config=cfg,
+        tokenizer_dir=_tokenizer_dir(tmp_path),
+        stage_info={"stage": "sft", "steps": 3},
+        extras={"reward_head": head},
+        json_extras={"reward_stats": {"mean": 0.5, "std": 2.0}},
+    )
     assert sorted(os.listdir(tmp_path)) == ["sft", "tok"]  # no temp dirs left behind
     ck = train.load_stage(out, extras=("reward_head",))
     assert ck.spec == spec and ck.lora_config == cfg and ck.stage_info == {"stage": "sft", "steps": 3}
