@@ -11,7 +11,7 @@
 - after each step offers the state (and ``batches.state()`` when the batch source has it) to
   ``ckpt_manager.save`` (which saves on its interval), and always saves at the end;
 - on SIGINT / SIGTERM finishes the current step, saves a final checkpoint and returns with
-  ``interrupted=True`` (the run resumes from there).
+  ``interrupted=True`` (the run resumes from there); a second Ctrl-C raises KeyboardInterrupt at once.
 
 Metrics are fetched from the device only at log points, so steps queue without host syncs in between.
 """
@@ -77,6 +77,8 @@ class _StopFlag:
             return  # signals can only be handled on the main thread
 
         def handler(signum, frame):
+            if self.stop and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the final checkpoint
             self.stop = True
 
         for sig in (signal.SIGINT, signal.SIGTERM):
