@@ -113,7 +113,7 @@ def _is_axes(x: Any) -> bool:
 
 
 def named_shardings(axes_tree: Any, mesh: Mesh, shapes_tree: Any | None = None) -> Any:
-    """Tree of logical-axis tuples (+ optional tree of arrays / ShapeDtypeStructs) -> tree of NamedSharding."""
+    """Tree of logical-axis tuples (+ optional tree of arrays / ShapeDtypeStructs) -> NamedShardings."""
     if shapes_tree is None:
         return jax.tree.map(
             lambda a: NamedSharding(mesh, logical_to_spec(a, mesh)), axes_tree, is_leaf=_is_axes

@@ -136,11 +136,15 @@ def test_gqa_attend_equals_repeated_kv_reference():
         for i, s in enumerate([(2, 5, 6, 4), (2, 5, 2, 4), (2, 5, 2, 4)])
     )
     mask = jnp.tril(jnp.ones((5, 5), bool))[None, None]
-    out = attend(q, k, v, mask, scale=0.5)
-    kr, vr = jnp.repeat(k, 3, axis=2), jnp.repeat(v, 3, axis=2)
-    s = jnp.einsum("bthd,bshd->bhts", q, kr) * 0.5
-    p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
-    chex.assert_trees_all_close(out, jnp.einsum("bhts,bshd->bthd", p, vr), atol=1e-6)
+
+    @jax.jit
+    def both(q, k, v):
+        kr, vr = jnp.repeat(k, 3, axis=2), jnp.repeat(v, 3, axis=2)
+        s = jnp.einsum("bthd,bshd->bhts", q, kr) * 0.5
+        p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
+        return attend(q, k, v, mask, scale=0.5), jnp.einsum("bhts,bshd->bthd", p, vr)
+
+    chex.assert_trees_all_close(*both(q, k, v), atol=1e-6)
 
 
 def test_bf16_compute_and_params_close_to_f32():

@@ -28,7 +28,7 @@ def _hf_positions(name: str, mask: np.ndarray):
     return None if name == "bloom" else np.maximum(np.cumsum(mask, -1) - 1, 0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _built(name: str, root: str):
     hf, path = tiny_hf_causal_lm(name, root)
     spec, params = models.load_pretrained(path)
@@ -88,7 +88,9 @@ def test_bf16_checkpoint_and_sharded_save(root, tmp_path):
     spec2, params2 = models.load_pretrained(out)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a, np.float32), b), params, params2)
     hf2 = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
-    assert torch.equal(hf2.model.layers[0].self_attn.q_proj.weight, hf.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(
+        hf2.model.layers[0].self_attn.q_proj.weight, hf.model.layers[0].self_attn.q_proj.weight
+    )
 
 
 def test_base_model_checkpoint_without_prefix(root, tmp_path):
@@ -127,7 +129,9 @@ def test_errors_name_the_problem(root, tmp_path):
 
     missing = dict(state)
     del missing["model.layers.1.mlp.up_proj.weight"]
-    with pytest.raises(hf_io.CheckpointError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+    with pytest.raises(
+        hf_io.CheckpointError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"
+    ):
         models.load_pretrained(_write(tmp_path / "missing", missing, config))
 
     extra = {**state, "model.layers.0.self_attn.rotary.freq": np.zeros(3, np.float32)}
@@ -135,7 +139,9 @@ def test_errors_name_the_problem(root, tmp_path):
         models.load_pretrained(_write(tmp_path / "extra", extra, config))
 
     bad = {**state, "model.layers.0.self_attn.k_proj.weight": np.zeros((16, 30), np.float32)}
-    with pytest.raises(hf_io.CheckpointError, match=r"k_proj\.weight' has shape \(16, 30\), expected \(32, 32\)"):
+    with pytest.raises(
+        hf_io.CheckpointError, match=r"k_proj\.weight' has shape \(16, 30\), expected \(32, 32\)"
+    ):
         models.load_pretrained(_write(tmp_path / "shape", bad, config))
 
 
