@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -98,6 +98,50 @@ def score_pairs(
     rewards = score(spec, params, head, ids, mask, **kwargs)
     b = batch["chosen_input_ids"].shape[0]
     return rewards[:b], rewards[b:]
+
+
+class RewardModel(NamedTuple):
+    """A trained reward model as the RM stage leaves it (``jaxrlhf rm``): score with
+    ``score(spec, params, head, ids, mask, lora=lora, lora_config=lora_config)``; ``stats`` holds the reward
+    ``mean`` / ``std`` over the RM's eval split (``(r - mean) / std`` normalises rewards for PPO)."""
+
+    spec: ModelSpec
+    params: dict
+    head: dict
+    lora: dict | None
+    lora_config: Any
+    stats: dict
+    tokenizer_dir: str | None
+
+
+def load(stage_dir: str | os.PathLike, *, mesh: Any = None, dtype: Any = None) -> RewardModel:
+    """Read an RM stage checkpoint (``params/``, optional ``lora/``, ``reward_head/``, ``reward_stats.json``).
+
+    With ``mesh`` the backbone is sharded by its logical axes and the head replicated on the mesh.
+    """
+    from jaxrlhf import train
+
+    ckpt = train.load_stage(stage_dir, mesh=mesh, dtype=dtype, extras=("reward_head",))
+    if ckpt.stage_info.get("stage") != "rm" or "reward_stats" not in ckpt.extras:
+        raise ValueError(
+            f"{ckpt.path}: not a reward-model stage checkpoint (stage {ckpt.stage_info.get('stage')!r})"
+        )
+    head = ckpt.extras["reward_head"]
+    if dtype is not None:
+        head = jax.tree.map(lambda x: x.astype(dtype), head)
+    if mesh is not None:
+        from jaxrlhf import sharding
+
+        head = jax.device_put(head, sharding.replicated(mesh))
+    return RewardModel(
+        ckpt.spec,
+        ckpt.params,
+        head,
+        ckpt.lora,
+        ckpt.lora_config,
+        ckpt.extras["reward_stats"],
+        ckpt.tokenizer_dir,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- HF export

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxrlhf import data, reward_model, train
+from jaxrlhf import data, lora, reward_model, sharding, train
 from jaxrlhf.assets import tiny
 from jaxrlhf.config import load_config
 from jaxrlhf.stages import rm, sft
@@ -117,7 +117,11 @@ def test_stage_checkpoint_stats_and_rescoring(full_run, tmp_path):
     # a fresh scoring pass from the stage checkpoint reproduces the stage's own per-pair rewards
     tok = data.load_tokenizer(ckpt.tokenizer_dir)
     batch = _tokenized(tok, rows[:16], tmp_path)
-    r_c, r_r = jax.jit(reward_model.score_pairs, static_argnums=0)(ckpt.spec, ckpt.params, head, batch)
+    loaded = reward_model.load(full_run.stage_dir)
+    assert loaded.stats == stats and loaded.lora is None
+    r_c, r_r = jax.jit(reward_model.score_pairs, static_argnums=0)(
+        loaded.spec, loaded.params, loaded.head, batch
+    )
     np.testing.assert_allclose(r_c, [r["r_chosen"] for r in rewards[:16]], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(r_r, [r["r_rejected"] for r in rewards[:16]], rtol=1e-4, atol=1e-4)
 
@@ -142,7 +146,7 @@ def test_hf_export_scores_like_the_stage(full_run, tmp_path):
     np.testing.assert_allclose(out.numpy(), [r["r_chosen"] for r in rewards[:16]], atol=1e-4)
 
 
-def test_lora_reward_adapter_over_the_shared_base(sft_stage, tmp_path_factory):
+def test_lora_reward_adapter_over_the_shared_base(sft_stage, tmp_path_factory, tmp_path):
     out = tmp_path_factory.mktemp("rm_lora")
     cfg = _rm_config(
         out, sft_stage, tmp_path_factory, "optim.total_steps=8", "train.eval_every=1000", "lora.rank=4",
@@ -157,6 +161,17 @@ def test_lora_reward_adapter_over_the_shared_base(sft_stage, tmp_path_factory):
     for a, b in zip(jax.tree.leaves(ckpt.params), jax.tree.leaves(base.params), strict=True):
         np.testing.assert_array_equal(a, b)
     assert any(float(np.abs(x).max()) > 0 for x in jax.tree.leaves(ckpt.lora))
+    # loaded sharded over the 8 devices, the adapter scores like its merge into the base
+    loaded = reward_model.load(result.stage_dir, mesh=sharding.make_mesh(data=1, fsdp=-1, tensor=1))
+    batch = _tokenized(data.load_tokenizer(loaded.tokenizer_dir), _read_jsonl(PREFS)[:8], tmp_path)
+    ids, mask = batch["chosen_input_ids"], batch["chosen_attention_mask"]
+    score = jax.jit(reward_model.score, static_argnums=0, static_argnames="lora_config")
+    with_adapter = score(
+        loaded.spec, loaded.params, loaded.head, ids, mask, lora=loaded.lora, lora_config=loaded.lora_config
+    )
+    merged = lora.merge(jax.device_get(loaded.params), jax.device_get(loaded.lora), loaded.lora_config)
+    expected = score(loaded.spec, merged, ckpt.extras["reward_head"], ids, mask)
+    np.testing.assert_allclose(with_adapter, expected, rtol=1e-4, atol=1e-5)
 
 
 BAD_ROWS = {
