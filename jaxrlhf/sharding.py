@@ -163,7 +163,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 
 
 def use_mesh(mesh: Mesh):
-    """Context manager that puts ``mesh`` in context for tracing and running (``jax.set_mesh`` when present)."""
+    """Context manager putting ``mesh`` in context for tracing and running (``jax.set_mesh``)."""
     if hasattr(jax, "set_mesh"):
         return jax.set_mesh(mesh)
     if hasattr(jax.sharding, "use_mesh"):

@@ -84,7 +84,9 @@ class ModelSpec:
         if self.activation not in _ACTIVATIONS:
             raise ConfigError(f"unsupported activation {self.activation!r}; supported: {_ACTIVATIONS}")
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+            raise ConfigError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -119,9 +121,8 @@ class ModelSpec:
         """Map a Hugging Face config dict onto a ModelSpec. ``source`` names the file in errors."""
         mt = config.get("model_type")
         if mt not in _FROM_HF:
-            raise ConfigError(
-                f"{source}: unsupported model_type {mt!r}; supported families: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+            supported = ", ".join(SUPPORTED_MODEL_TYPES)
+            raise ConfigError(f"{source}: unsupported model_type {mt!r}; supported families: {supported}")
         try:
             return _FROM_HF[mt](config)
         except KeyError as e:
@@ -446,7 +447,14 @@ def _t5_out(s: ModelSpec) -> dict:
     )
 
 
-_FROM_HF = {"llama": _llama_like, "mistral": _llama_like, "opt": _opt, "bloom": _bloom, "gpt2": _gpt2, "t5": _t5}
+_FROM_HF = {
+    "llama": _llama_like,
+    "mistral": _llama_like,
+    "opt": _opt,
+    "bloom": _bloom,
+    "gpt2": _gpt2,
+    "t5": _t5,
+}
 _TO_HF = {
     "llama": _llama_like_out,
     "mistral": _llama_like_out,

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _hf_tiny import tiny_hf_config
-from test_decoder import random_params
 from jax.sharding import PartitionSpec
+from test_decoder import random_params
 
 from jaxrlhf import models, sharding
 from jaxrlhf.models.spec import ModelSpec
