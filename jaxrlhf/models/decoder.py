@@ -163,10 +163,13 @@ class Decoder(nn.Module):
         if s.position_type == "rope":
             rope = rope_tables(positions, rope_inv_freq(s.head_dim, s.rope_theta, s.rope_scaling_dict))
         elif s.position_type == "alibi":
-            # HF BLOOM: bias = slope_h * key_position (softmax is invariant to the per-query shift)
-            bias = alibi_slopes(s.num_heads)[None, :, None, None] * kv_pos[:, None, None, :].astype(
-                jnp.float32
-            )
+            # HF BLOOM: bias = slope_h * key_position (softmax is invariant to the per-query shift). The
+            # fused kernel takes the bias in the compute dtype, so there it is made relative to the query
+            # (small near the diagonal, where bf16 rounding would otherwise blur neighbouring keys).
+            key_pos = kv_pos[:, None, None, :].astype(jnp.float32)
+            if self.impl == "fused":
+                key_pos = key_pos - positions[:, None, :, None].astype(jnp.float32)
+            bias = alibi_slopes(s.num_heads)[None, :, None, None] * key_pos
 
         block_cls = Block
         if self.remat != "none":
