@@ -120,6 +120,9 @@ def test_errors_name_the_problem(root, tmp_path):
     config = json.loads(open(os.path.join(path, "config.json")).read())
     state = _state(path)
 
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        models.load_pretrained(tmp_path / "does-not-exist")
+
     with pytest.raises(FileNotFoundError, match="no config.json") as e:
         models.load_pretrained(tmp_path)
     assert str(tmp_path) in str(e.value)
@@ -145,16 +148,22 @@ def test_errors_name_the_problem(root, tmp_path):
         models.load_pretrained(_write(tmp_path / "shape", bad, config))
 
 
-def test_load_onto_mesh_is_sharded(root):
+def test_load_onto_mesh_is_sharded(root, tmp_path):
     from jaxrlhf import sharding
 
-    _, path, _, params = _built("llama2", root)
+    _, path, spec, params = _built("llama2", root)
     mesh = sharding.make_mesh(fsdp=4, tensor=2)
     _, sharded = models.load_pretrained(path, mesh=mesh)
     q = sharded["layers_0"]["attn"]["q_proj"]["kernel"]
     assert not q.sharding.is_fully_replicated
     assert q.addressable_shards[0].data.shape == (32 // 4, 32 // 2)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, sharded)
+    # saving gathers one tensor at a time; the files equal the original checkpoint's tensors
+    models.save_pretrained(spec, sharded, tmp_path / "from_mesh")
+    original, again = _state(path), _state(tmp_path / "from_mesh")
+    assert set(original) == set(again)
+    for k in original:
+        np.testing.assert_array_equal(original[k], again[k])
 
 
 def test_bf16_reader_matches_ml_dtypes(tmp_path):
