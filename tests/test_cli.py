@@ -74,7 +74,7 @@ def test_print_config_applies_overrides(capsys):
     assert cli.main(["sft", "--config", TINY, "--set", "optim.lr=0.5", "lora.rank=4", "--print-config"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["optim"]["lr"] == 0.5 and cfg["lora"]["rank"] == 4 and cfg["lora"]["alpha"] == 16.0
-    assert cfg["model"]["spec"]["hidden_size"] == 64  # untouched keys keep the file's values
+    assert cfg["model"]["spec"]["hidden_size"] == 128  # untouched keys keep the file's values
 
 
 def test_unavailable_stage_is_a_clear_error(monkeypatch):

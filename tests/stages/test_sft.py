@@ -67,7 +67,8 @@ def full_run(tmp_path_factory):
         )
     )
     assert first.first_eval and train.load_stage(first.stage_dir).stage_info["step"] == half
-    # same schedule as one uninterrupted 40-step run: the cosine length is optim.total_steps
+    # the second run finds the step-20 checkpoint and continues (a longer schedule, as when a user raises
+    # optim.total_steps of a finished run); bitwise resume equality is tested with the checkpoint manager
     second = sft.run(tiny_config(out, tmp_path_factory))
     return first, second
 
