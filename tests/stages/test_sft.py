@@ -3,7 +3,7 @@
 A from-scratch tiny Llama trains for 20 steps, stops, and a second run of the same directory resumes from its
 Orbax checkpoint to 40 steps: the eval loss must end well below its initial value (about log V = 5.77), and
 the run must leave a stage checkpoint, a transformers-loadable export with the same logits and samples scored
-by the rule. A LoRA run starts from that stage checkpoint and exports adapters that peft loads with the same
+by the rule. A LoRA run starts from that run's HF export and exports adapters that peft loads with the same
 logits as the merged export. A tiny T5 trains on the same data through the seq2seq path.
 """
 
@@ -128,18 +128,20 @@ def test_hf_export_matches_transformers(full_run):
     np.testing.assert_allclose(ours, theirs, atol=2e-4, rtol=2e-4)
 
 
-def test_lora_from_stage_checkpoint_exports_peft(full_run, tmp_path_factory):
+def test_lora_from_hf_directory_exports_peft(full_run, tmp_path_factory):
+    """LoRA on the HF export of the full run (models.load_pretrained + the directory's tokenizer): the base
+    stays frozen, and peft applies the exported adapters to that base with the logits of the merged export."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     import chex
     import transformers
 
     out = tmp_path_factory.mktemp("sft_lora")
-    base_stage = full_run[1].stage_dir
+    base_dir = os.path.join(full_run[1].run_dir, "export", "hf")
     cfg = tiny_config(
         out,
         tmp_path_factory,
-        f"model.path={base_stage}",
+        f"model.path={base_dir}",
         "model.spec=null",
         "tokenizer.path=null",
         "lora.rank=4",
@@ -152,12 +154,10 @@ def test_lora_from_stage_checkpoint_exports_peft(full_run, tmp_path_factory):
         "samples.num=0",
     )
     result = sft.run(cfg)
-    ckpt, base = train.load_stage(result.stage_dir), train.load_stage(base_stage)
-    chex.assert_trees_all_equal(ckpt.params, base.params)  # the base stays frozen
-    assert ckpt.lora_config.rank == 4
+    ckpt = train.load_stage(result.stage_dir)
+    chex.assert_trees_all_equal(ckpt.params, train.load_stage(full_run[1].stage_dir).params)  # frozen base
+    assert ckpt.lora_config.rank == 4 and ckpt.stage_info["stage"] == "sft"
     assert float(jax.numpy.abs(ckpt.lora["layers_0"]["attn"]["q_proj"]["lora_b"]).max()) > 0  # trained
-    base_dir = str(out / "base_hf")
-    models.save_pretrained(base.spec, base.params, base_dir)
     ids = torch.tensor([[1, 45, 67, 89, 12, 33, 7]])
     with torch.no_grad():
         merged = transformers.AutoModelForCausalLM.from_pretrained(
@@ -166,6 +166,7 @@ def test_lora_from_stage_checkpoint_exports_peft(full_run, tmp_path_factory):
         want = merged.eval()(ids).logits.numpy()
         base_hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
         got = peft.PeftModel.from_pretrained(base_hf, str(out / "export" / "peft")).eval()(ids).logits.numpy()
+    assert np.abs(want - np.asarray(models.forward(ckpt.spec, ckpt.params, ids.numpy()).logits)).max() > 1e-3
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
 
 
