@@ -291,3 +291,37 @@ def save_outputs(
         tokenizer.save_pretrained(peft_dir)
         logger.info("PEFT export: %s", peft_dir)
     return stage_dir
+
+
+def prepare_training(loss_fn, opt, optim, shard, mesh, ds, dcfg, ckpt_cfg, out: str, state):
+    """The part every training stage shares: the jitted step, the loader, and a CheckpointManager that
+    resumes the state and loader position from the newest complete checkpoint under ``out/checkpoints``.
+
+    Returns ``(step_fn, loader, manager, state)``.
+    """
+    from jaxrlhf import data
+    from jaxrlhf import train as train_lib
+
+    step_fn = train_lib.jit_train_step(
+        train_lib.make_train_step(
+            loss_fn, opt, grad_accum=optim.grad_accum, schedule=train_lib.make_schedule(optim)
+        ),
+        shard,
+        mesh=mesh,
+        grad_accum=optim.grad_accum,
+    )
+    loader = data.Loader(
+        ds, dcfg.batch_size, seed=dcfg.seed, shuffle=dcfg.shuffle, shuffle_buffer=dcfg.shuffle_buffer
+    )
+    ckpt_dir = os.path.join(out, "checkpoints")
+    if not ckpt_cfg.resume and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+        raise FileExistsError(
+            f"{ckpt_dir} holds checkpoints and checkpoint.resume is false: "
+            "set checkpoint.resume=true or choose another output_dir"
+        )
+    mgr = train_lib.CheckpointManager(ckpt_dir, save_interval_steps=ckpt_cfg.every, max_to_keep=ckpt_cfg.keep)
+    state, loader_state = mgr.restore_latest(state, shard)
+    if loader_state:
+        loader.restore(loader_state)
+        logger.info("resumed from %s at step %d", ckpt_dir, int(jax.device_get(state.step)))
+    return step_fn, loader, mgr, state

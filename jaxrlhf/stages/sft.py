@@ -198,31 +198,9 @@ def run(config: SFTConfig) -> SFTResult:
         )
     del params
     loss_fn = make_loss_fn(spec, config, lcfg)
-    step_fn = train_lib.jit_train_step(
-        train_lib.make_train_step(
-            loss_fn, opt, grad_accum=optim.grad_accum, schedule=train_lib.make_schedule(optim)
-        ),
-        shard,
-        mesh=mesh,
-        grad_accum=optim.grad_accum,
+    step_fn, loader, mgr, state = common.prepare_training(
+        loss_fn, opt, optim, shard, mesh, ds, dcfg, config.checkpoint, out, state
     )
-    loader = data.Loader(
-        ds, dcfg.batch_size, seed=dcfg.seed, shuffle=dcfg.shuffle, shuffle_buffer=dcfg.shuffle_buffer
-    )
-
-    ckpt_dir = os.path.join(out, "checkpoints")
-    if not config.checkpoint.resume and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-        raise FileExistsError(
-            f"{ckpt_dir} holds checkpoints and checkpoint.resume is false: "
-            "set checkpoint.resume=true or choose another output_dir"
-        )
-    mgr = train_lib.CheckpointManager(
-        ckpt_dir, save_interval_steps=config.checkpoint.every, max_to_keep=config.checkpoint.keep
-    )
-    state, loader_state = mgr.restore_latest(state, shard)
-    if loader_state:
-        loader.restore(loader_state)
-        logger.info("resumed from %s at step %d", ckpt_dir, int(jax.device_get(state.step)))
 
     eval_fn = None
     if ds.eval is not None:
