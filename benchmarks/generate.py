@@ -84,7 +84,7 @@ def bench_batch(spec: ModelSpec, params, batch: int, prompt: int, new: int, args
     cfg = generation.SamplingConfig(
         max_new_tokens=new, min_new_tokens=new, temperature=0.0, stop_token_ids=()
     )
-    m = generation._Model(spec, None, dtype, dtype, args.attention)
+    m = generation._Model(spec, None, dtype, dtype, args.attention, None, bool(args.fuse))
     rcfg, pids, pmask = generation._prepare(spec, ids, mask, cfg)
 
     def run(steps):
@@ -118,6 +118,8 @@ def bench_batch(spec: ModelSpec, params, batch: int, prompt: int, new: int, args
         achieved_gb_per_s=achieved / 1e9,
         fraction_of_copy_bandwidth=achieved / bw,
         attention=args.attention,
+        fuse_projections=bool(args.fuse),
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
         card=card(),
     )
 
@@ -130,6 +132,9 @@ def main(argv=None) -> None:
     p.add_argument("--new", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--attention", default="plain", choices=["plain", "fused"])
+    p.add_argument(
+        "--fuse", type=int, default=1, help="fuse q/k/v and gate/up kernels (1, default) or not (0)"
+    )
     p.add_argument("--with-hf", action="store_true", help="also run the transformers baseline script")
     p.add_argument(
         "--hf-script", default=None, help="default: shared/baselines/hf_llama1b.py here or in /work"

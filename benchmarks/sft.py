@@ -73,7 +73,8 @@ def make_loss(spec, args, lora_config=None):
     return loss_fn
 
 
-def run(mode: str, args) -> dict:
+def build(mode: str, args):
+    """``(jitted step, train state, token batch)`` of one benchmark configuration."""
     spec = TINY if args.tiny else LLAMA_1B
     mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=1)
     axes = models.param_axes(spec)
@@ -106,6 +107,12 @@ def run(mode: str, args) -> dict:
     step = train.jit_train_step(step, shard, mesh=mesh, grad_accum=args.grad_accum)
     shape = (args.batch, args.seq) if args.grad_accum == 1 else (args.grad_accum, args.batch, args.seq)
     ids = jax.random.randint(jax.random.PRNGKey(2), shape, 0, spec.vocab_size, jnp.int32)
+    return step, state, ids
+
+
+def run(mode: str, args) -> dict:
+    spec = TINY if args.tiny else LLAMA_1B
+    step, state, ids = build(mode, args)
     t_compile = time.perf_counter()
     for _ in range(2):  # compile + warm-up
         state, metrics = step(state, ids)

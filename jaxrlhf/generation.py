@@ -116,6 +116,14 @@ class _Model:
     cache_dtype: Any = None
     attention_impl: str = "plain"
     mesh: Mesh | None = None
+    fuse: bool = False  # decode with q/k/v and gate/up kernels concatenated (models.fuse_projections)
+
+
+def _fuse_default(lora: Any, mesh: Mesh | None, fuse: bool | None) -> bool:
+    """Fuse unless adapters address the unfused names or a tensor axis shards the projection outputs."""
+    if fuse is not None:
+        return bool(fuse) and lora is None
+    return lora is None and (mesh is None or dict(mesh.shape).get("tensor", 1) == 1)
 
 
 def _constrain(x: jax.Array, names: tuple, mesh: Mesh | None) -> jax.Array:
@@ -238,6 +246,7 @@ def _result(state: DecodeState, ids, mask) -> GenerateResult:
 
 @functools.partial(jax.jit, static_argnames=("m", "cfg"))
 def _generate_jit(m: _Model, cfg: SamplingConfig, params, ids, mask, rng, max_new, lora) -> GenerateResult:
+    params = _maybe_fuse(m, params)
     state, (ids, mask) = _prefill(m, params, ids, mask, rng, lora, cfg)
     state = decode_loop(_make_step_fn(m, params, lora), state, cfg, max_new, max_new)
     return _result(state, ids, mask)
@@ -245,6 +254,7 @@ def _generate_jit(m: _Model, cfg: SamplingConfig, params, ids, mask, rng, max_ne
 
 @functools.partial(jax.jit, static_argnames=("m", "cfg"))
 def _prefill_jit(m: _Model, cfg: SamplingConfig, params, ids, mask, rng, lora):
+    params = _maybe_fuse(m, params)
     return _prefill(m, params, ids, mask, rng, lora, cfg)
 
 
@@ -252,7 +262,15 @@ def _prefill_jit(m: _Model, cfg: SamplingConfig, params, ids, mask, rng, lora):
 def _decode_jit(
     m: _Model, cfg: SamplingConfig, params, state: DecodeState, max_new, until, lora
 ) -> DecodeState:
-    return decode_loop(_make_step_fn(m, params, lora), state, cfg, max_new, until)
+    return decode_loop(_make_step_fn(m, _maybe_fuse(m, params), lora), state, cfg, max_new, until)
+
+
+def _maybe_fuse(m: _Model, params: Any) -> Any:
+    if not m.fuse:
+        return params
+    from jaxrlhf import models
+
+    return models.fuse_projections(m.spec, params)
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -320,6 +338,7 @@ def generate(
     cache_dtype: Any = None,
     attention_impl: str = "plain",
     mesh: Mesh | None = None,
+    fuse_projections: bool | None = None,
 ) -> GenerateResult:
     """Sample ``cfg.max_new_tokens`` tokens after each prompt; see the module docstring and GenerateResult.
 
@@ -332,10 +351,14 @@ def generate(
       compute_dtype: activation dtype of the forward (e.g. bf16); logits and sampling stay f32.
       cache_dtype: KV-cache dtype (default: compute_dtype, else the params' dtype).
       mesh: when given, the cache and buffers are sharded batch over (data, fsdp), KV heads over tensor.
+      fuse_projections: decode with q/k/v and gate/up kernels concatenated (one matmul each; the jitted
+        call holds a fused copy of those weights). ``None`` = on unless ``lora`` is given or the mesh has
+        a tensor axis > 1.
     Returns:
       GenerateResult with R = B * cfg.n rows and N = cfg.max_new_tokens columns.
     """
-    m = _Model(spec, lora_config, compute_dtype, cache_dtype, attention_impl, mesh)
+    fuse = _fuse_default(lora, mesh, fuse_projections)
+    m = _Model(spec, lora_config, compute_dtype, cache_dtype, attention_impl, mesh, fuse)
     rcfg, ids, mask = _prepare(spec, prompt_ids, prompt_mask, cfg)
     rng = _check_rng(rng, cfg)
     out = _generate_jit(m, rcfg, params, ids, mask, rng, jnp.int32(cfg.max_new_tokens), lora)
@@ -365,13 +388,15 @@ def stream(
     cache_dtype: Any = None,
     attention_impl: str = "plain",
     mesh: Mesh | None = None,
+    fuse_projections: bool | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Like :func:`generate` but yields ``(tokens [R, k], mask [R, k])`` numpy chunks as they are decoded.
 
     Prefill is one jitted call and decoding runs ``chunk`` steps per call of one jitted loop whose state is
     donated (updated in place); the draws equal :func:`generate`'s for the same rng.
     """
-    m = _Model(spec, lora_config, compute_dtype, cache_dtype, attention_impl, mesh)
+    fuse = _fuse_default(lora, mesh, fuse_projections)
+    m = _Model(spec, lora_config, compute_dtype, cache_dtype, attention_impl, mesh, fuse)
     rcfg, ids, mask = _prepare(spec, prompt_ids, prompt_mask, cfg)
     rng = _check_rng(rng, cfg)
     state, _ = _prefill_jit(m, rcfg, params, ids, mask, rng, lora)

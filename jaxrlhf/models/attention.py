@@ -124,9 +124,13 @@ class Attention(nn.Module):
         b, t, e = x.shape
         dense = dict(use_bias=self.use_bias, compute_dtype=self.compute_dtype, lora_config=self.lora_config)
         hd, kd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q = Dense(hd, ("embed", "heads"), name="q_proj", **dense)(x)
-        k = Dense(kd, ("embed", "kv_heads"), name="k_proj", **dense)(x)
-        v = Dense(kd, ("embed", "kv_heads"), name="v_proj", **dense)(x)
+        if self.has_variable("params", "qkv_proj"):  # fused by models.fuse_projections (generation)
+            qkv = Dense(hd + 2 * kd, ("embed", "heads"), name="qkv_proj", **dense)(x)
+            q, k, v = jnp.split(qkv, [hd, hd + kd], axis=-1)
+        else:
+            q = Dense(hd, ("embed", "heads"), name="q_proj", **dense)(x)
+            k = Dense(kd, ("embed", "kv_heads"), name="k_proj", **dense)(x)
+            v = Dense(kd, ("embed", "kv_heads"), name="v_proj", **dense)(x)
         q = constrain(q.reshape(b, t, self.num_heads, self.head_dim), ("batch", "length", "act_heads", None))
         k = constrain(
             k.reshape(b, t, self.num_kv_heads, self.head_dim), ("batch", "length", "act_kv_heads", None)

@@ -45,12 +45,17 @@ class MLP(nn.Module):
     def __call__(self, x):
         s = self.spec
         kw = dict(use_bias=s.mlp_bias, compute_dtype=self.compute_dtype, lora_config=self.lora_config)
-        up = Dense(s.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
-        if s.gated_mlp:
-            gate = Dense(s.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
+        if s.gated_mlp and self.has_variable("params", "gate_up_proj"):  # models.fuse_projections
+            gate_up = Dense(2 * s.intermediate_size, ("embed", "mlp"), name="gate_up_proj", **kw)(x)
+            gate, up = jnp.split(gate_up, 2, axis=-1)
             h = activation(s.activation, gate) * up
         else:
-            h = activation(s.activation, up)
+            up = Dense(s.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
+            if s.gated_mlp:
+                gate = Dense(s.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
+                h = activation(s.activation, gate) * up
+            else:
+                h = activation(s.activation, up)
         h = constrain(h, ("batch", "length", "act_mlp"))
         return Dense(x.shape[-1], ("mlp", "embed"), name="down_proj", **kw)(h)
 

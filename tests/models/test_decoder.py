@@ -117,6 +117,33 @@ def test_kv_cache_prefill_and_decode_equal_full_forward(name):
     chex.assert_shape(cache["layers"][0]["k"], (3, 12, spec.num_kv_heads, spec.head_dim))
 
 
+@pytest.mark.parametrize("name", ["llama3", "bloom", "opt", "gpt2"])
+def test_fused_projections_same_function(name):
+    spec, params = _model(name)
+    fused = models.fuse_projections(spec, params)
+    layer = fused["layers_0"]
+    assert "qkv_proj" in layer["attn"] and not {"q_proj", "k_proj", "v_proj"} & set(layer["attn"])
+    assert ("gate_up_proj" in layer["mlp"]) == spec.gated_mlp
+    assert ("up_proj" in layer["mlp"]) != spec.gated_mlp
+    e = spec.hidden_size
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    chex.assert_shape(layer["attn"]["qkv_proj"]["kernel"], (e, q + 2 * kv))
+    n_params = lambda t: sum(x.size for x in jax.tree.leaves(t))  # noqa: E731
+    assert n_params(fused) == n_params(params)
+    ids = _ids(5, (2, T))
+    mask = jnp.asarray([[1] * T, [0] * 3 + [1] * (T - 3)])
+    real = np.asarray(mask, bool)
+    a = _fwd(spec, params, ids, mask).logits
+    b = _fwd(spec, fused, ids, mask).logits
+    np.testing.assert_allclose(np.asarray(b)[real], np.asarray(a)[real], atol=1e-5)
+    # and with the KV cache, one decode step after a prefill
+    ca = _fwd(spec, params, ids[:, :-1], mask[:, :-1], cache=models.init_cache(spec, 2, T)).cache
+    cb = _fwd(spec, fused, ids[:, :-1], mask[:, :-1], cache=models.init_cache(spec, 2, T)).cache
+    sa = _fwd(spec, params, ids[:, -1:], mask[:, -1:], cache=ca).logits
+    sb = _fwd(spec, fused, ids[:, -1:], mask[:, -1:], cache=cb).logits
+    np.testing.assert_allclose(np.asarray(sb), np.asarray(sa), atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["llama3", "mistral", "bloom"])
 def test_fused_attention_matches_plain(name):
     spec, params = _model(name)

@@ -1,0 +1,164 @@
+"""Where the device time goes: trace a decode loop or a training step and print the kernels that take it.
+
+    PYTHONPATH=. python3 benchmarks/profile.py decode --batch 1          # GPU: 1.24B bf16, 64 decode steps
+    PYTHONPATH=. python3 benchmarks/profile.py sft                       # GPU: one full-FT step, 8 x 2048
+    PYTHONPATH=. python3 benchmarks/profile.py decode --tiny             # CPU smoke run
+
+Prints one JSON line: the wall time of the traced region, the summed kernel time on the device, the number
+of kernels (per decode step for ``decode``), and the top kernels by total time with their counts. The trace is
+``jax.profiler.trace(..., create_perfetto_trace=True)``; the events on device streams are summed by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def device_events(log_dir: str) -> list[dict]:
+    """Complete ("X") events of the device (GPU / TPU) processes of the perfetto trace under ``log_dir``."""
+    paths = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not paths:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {log_dir}")
+    with gzip.open(sorted(paths)[-1], "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    names = {
+        e["pid"]: e.get("args", {}).get("name", "")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    threads = {
+        (e["pid"], e.get("tid")): e.get("args", {}).get("name", "")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "thread_name"
+    }
+    dev = {pid for pid, n in names.items() if "/device:" in n and "CPU" not in n.upper()}
+    if not dev:  # CPU backend: the XLA ops run on host threads
+        dev = {pid for pid, n in names.items() if "/host:CPU" in n or "XLA" in n}
+    out = [e for e in events if e.get("ph") == "X" and e.get("pid") in dev and "dur" in e]
+    # a GPU trace shows each kernel on its stream and again as an XLA op line: keep the streams
+    streams = {k for k, n in threads.items() if k[0] in dev and n.startswith("Stream")}
+    if streams:
+        out = [e for e in out if (e["pid"], e.get("tid")) in streams]
+    for e in out:
+        e["thread"] = threads.get((e["pid"], e.get("tid")), "")
+    return out
+
+
+def summarize(events: list[dict], top: int) -> dict:
+    by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    for e in events:
+        s = by_name[e["name"]]
+        s[0] += 1
+        s[1] += float(e["dur"])
+    total = sum(v[1] for v in by_name.values())
+    rows = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    per_thread: dict[str, int] = collections.Counter(e.get("thread", "") for e in events)
+    return dict(
+        threads=dict(per_thread.most_common(6)),
+        kernel_us=total,
+        kernels=sum(v[0] for v in by_name.values()),
+        top=[
+            dict(name=k[:90], count=c, us=round(t, 1), share=round(t / max(total, 1e-9), 4))
+            for k, (c, t) in rows
+        ],
+    )
+
+
+def traced(fn, top: int) -> dict:
+    jax.block_until_ready(fn())  # compile + warm-up outside the trace
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            t = time.perf_counter()
+            jax.block_until_ready(fn())
+            wall = time.perf_counter() - t
+        out = summarize(device_events(d), top)
+    out["wall_us"] = wall * 1e6
+    return out
+
+
+def profile_decode(args) -> dict:
+    from benchmarks.generate import LLAMA_1B, TINY
+    from jaxrlhf import generation, models
+    from jaxrlhf.models.spec import ModelSpec
+
+    spec = ModelSpec(**(TINY if args.tiny else LLAMA_1B))
+    dtype = jnp.bfloat16
+    params = models.init_params(spec, jax.random.key(0), dtype=dtype)
+    ids = jax.random.randint(jax.random.key(1), (args.batch, args.prompt), 0, spec.vocab_size, jnp.int32)
+    cfg = generation.SamplingConfig(
+        max_new_tokens=args.new, min_new_tokens=args.new, temperature=0.0, stop_token_ids=()
+    )
+    m = generation._Model(spec, None, dtype, dtype, "plain", None, bool(args.fuse))
+    rcfg, pids, pmask = generation._prepare(spec, ids, jnp.ones_like(ids), cfg)
+
+    def run(steps):
+        return generation._generate_jit(
+            m, rcfg, params, pids, pmask, jax.random.key(2), jnp.int32(steps), None
+        )
+
+    one = traced(lambda: run(1), args.top)
+    full = traced(lambda: run(args.new), args.top)
+    steps = args.new - 1
+    full.update(
+        bench="profile-decode",
+        batch=args.batch,
+        fuse=args.fuse,
+        decode_steps=steps,
+        kernels_per_step=(full["kernels"] - one["kernels"]) / steps,
+        kernel_us_per_step=(full["kernel_us"] - one["kernel_us"]) / steps,
+        wall_us_per_step=(full["wall_us"] - one["wall_us"]) / steps,
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+        card=jax.devices()[0].device_kind,
+    )
+    return full
+
+
+def profile_sft(args) -> dict:
+    import benchmarks.sft as sft_bench
+
+    ns = argparse.Namespace(
+        tiny=args.tiny, batch=2 if args.tiny else 8, seq=32 if args.tiny else 2048, steps=1, grad_accum=1,
+        lora_rank=16, remat="none", attention="fused", param_dtype="float32",
+    )  # fmt: skip
+    step, state, ids = sft_bench.build("full", ns)
+    holder = {"state": state}
+
+    def one():
+        holder["state"], metrics = step(holder["state"], ids)
+        return metrics["loss"]
+
+    out = traced(one, args.top)
+    out.update(
+        bench="profile-sft", xla_flags=os.environ.get("XLA_FLAGS", ""), card=jax.devices()[0].device_kind
+    )
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["decode", "sft"])
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--fuse", type=int, default=1, help="decode: fuse q/k/v and gate/up projections (1/0)")
+    args = p.parse_args()
+    if args.tiny:
+        args.prompt, args.new = 16, 16
+    print(json.dumps(profile_decode(args) if args.what == "decode" else profile_sft(args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
