@@ -2,15 +2,17 @@
 
     python scripts/make_tiny_data.py [--out jaxrlhf/assets/tiny] [--seed 0]
 
-The task and its ground-truth rule are in ``jaxrlhf/assets/tiny/rule.py``: small arithmetic / sorting
-questions answered polite or terse, right or wrong; ``rule.check`` scores ``0.5 * correct + 0.5 * polite``.
+The task and its ground-truth rule are in ``jaxrlhf/assets/tiny/rule.py``: single-digit addition and
+subtraction questions answered polite (``Sure! 7 + 5 = 12. Hope this helps!``) or terse (``7 + 5 = 12``),
+right or wrong; ``rule.check`` scores ``0.5 * correct + 0.5 * polite``. Wrong answers are the writers' one
+kind of mistake, a misread operator (``7 + 5 = 2``, ``9 - 4 = 13``): see :func:`wrong_core`.
 
 Outputs (JSON lines, one object per line, keys sorted):
 
 - ``sft.jsonl`` (2000): ``{"prompt", "completion"}`` demonstrations — half polite, half terse, 85% right, so
   supervised fine-tuning imitates a mixture of styles, like real demonstrations from many writers.
 - ``prefs.jsonl`` (2000): ``{"prompt", "chosen", "rejected"}`` — two different-scoring answers to one prompt;
-  the higher-scoring one is ``chosen`` except for 7% flipped pairs (annotator noise).
+  the higher-scoring one is ``chosen`` except for 5% flipped pairs (annotator noise).
 - ``prompts.jsonl`` (500): ``{"prompt"}`` for RL stages.
 - ``corpus.txt``: every distinct prompt and answer line, to train the tiny SentencePiece tokenizer.
 """
@@ -27,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, os.pardir, "jaxrlhf", "assets", "tiny")
 
 N_SFT, N_PREFS, N_PROMPTS = 2000, 2000, 500
-P_POLITE, P_CORRECT, P_FLIP = 0.5, 0.85, 0.07
+P_POLITE, P_CORRECT, P_FLIP = 0.5, 0.85, 0.05
 
 
 def _load_rule(out_dir: str):
@@ -44,19 +46,29 @@ def make_prompt(rng: random.Random) -> str:
     return f"What is {max(a, b)} - {min(a, b)}?"
 
 
-def wrong_core(prompt: str, rule, rng: random.Random) -> str:
-    """A plausible wrong answer: off by one or two (never negative)."""
-    right = int(rule.solve(prompt))
-    return str(rng.choice([v for v in (right - 2, right - 1, right + 1, right + 2) if v >= 0]))
+def wrong_core(prompt: str, rule) -> str:
+    """A writer's wrong answer: the operator misread, i.e. the other operation's result (``|a - b|`` for
+    ``a + b``, ``a + b`` for ``a - b``); where that is right anyway (an operand is 0) the product ``a * b``,
+    and for ``0 + 0`` / ``0 - 0`` the answer plus one.
 
-
-def respond(prompt: str, polite: bool, correct: bool, rule, rng: random.Random) -> str:
-    core = rule.solve(prompt) if correct else wrong_core(prompt, rule, rng)
-    if not polite:
-        return core
+    A mistake that the tiny reward model learns to spot from the 2000 comparisons (the result does not fit
+    the operator). With off-by-one-or-two slips, which only an exact sum exposes, the 2-layer tiny RM stayed
+    at chance on pairs that differ only in correctness, although the SFT model's log-probabilities tell the
+    right answer from the wrong one."""
     kind, (a, b) = rule.parse_prompt(prompt)
-    body = f"{a} {'+' if kind == 'add' else '-'} {b} = {core}."
-    return f"{rule.POLITE_PREFIX} {body} {rule.POLITE_SUFFIX}"
+    right = int(rule.solve(prompt))
+    other = abs(a - b) if kind == "add" else a + b
+    return str(next(v for v in (other, a * b, right + 1) if v != right))
+
+
+def respond(prompt: str, polite: bool, correct: bool, rule) -> str:
+    """Both styles restate the question (``7 + 5 = 12``); polite ones wrap it in pleasantries."""
+    kind, (a, b) = rule.parse_prompt(prompt)
+    core = rule.solve(prompt) if correct else wrong_core(prompt, rule)
+    body = f"{a} {'+' if kind == 'add' else '-'} {b} = {core}"
+    if not polite:
+        return body
+    return f"{rule.POLITE_PREFIX} {body}. {rule.POLITE_SUFFIX}"
 
 
 def generate(out_dir: str, seed: int = 0) -> dict[str, int]:
@@ -65,7 +77,7 @@ def generate(out_dir: str, seed: int = 0) -> dict[str, int]:
     sft = []
     for _ in range(N_SFT):
         prompt = make_prompt(rng)
-        completion = respond(prompt, rng.random() < P_POLITE, rng.random() < P_CORRECT, rule, rng)
+        completion = respond(prompt, rng.random() < P_POLITE, rng.random() < P_CORRECT, rule)
         sft.append({"prompt": prompt, "completion": completion})
 
     prefs = []
@@ -73,7 +85,7 @@ def generate(out_dir: str, seed: int = 0) -> dict[str, int]:
     while len(prefs) < N_PREFS:
         prompt = make_prompt(rng)
         a, b = rng.sample(styles, 2)
-        ra, rb = respond(prompt, *a, rule, rng), respond(prompt, *b, rule, rng)
+        ra, rb = respond(prompt, *a, rule), respond(prompt, *b, rule)
         sa, sb = rule.check(prompt, ra), rule.check(prompt, rb)
         if sa == sb:
             continue  # only pairs that the rule can order

@@ -40,6 +40,8 @@ def test_generator_reproduces_the_committed_files(tmp_path):
     [
         ("What is 7 + 5?", "Sure! 7 + 5 = 12. Hope this helps!", 1.0),
         ("What is 7 + 5?", "12", 0.5),
+        ("What is 7 + 5?", "7 + 5 = 12", 0.5),
+        ("What is 7 + 5?", "7 + 5 = 2", 0.0),
         ("What is 7 + 5?", " 12 ", 0.5),
         ("What is 7 + 5?", "Sure! 7 + 5 = 13. Hope this helps!", 0.5),
         ("What is 7 + 5?", "Sure! 12 Hope this helps!", 1.0),
@@ -51,6 +53,7 @@ def test_generator_reproduces_the_committed_files(tmp_path):
         ("What is 9 - 4?", "Sure! 9 - 4 = 5. Hope this helps!", 1.0),
         ("What is 9 - 4?", "5", 0.5),
         ("What is 9 - 4?", "13", 0.0),
+        ("What is 9 - 4?", "9 - 4 = 13", 0.0),
     ],
 )
 def test_rule(prompt, response, score):
@@ -62,6 +65,13 @@ def test_rule_rejects_foreign_prompts():
         tiny.check("Sort 3 1 2.", "1 2 3")
 
 
+def _misread_operator(prompt: str) -> int:
+    """The documented wrong answer: the other operation's result, else the product, else the answer + 1."""
+    kind, (a, b) = tiny.parse_prompt(prompt)
+    right = int(tiny.solve(prompt))
+    return next(v for v in (abs(a - b) if kind == "add" else a + b, a * b, right + 1) if v != right)
+
+
 def test_data_statistics_match_the_documented_mixture():
     sft = rows("sft.jsonl")
     polite = sum(tiny.is_polite(r["completion"]) for r in sft) / len(sft)
@@ -70,7 +80,16 @@ def test_data_statistics_match_the_documented_mixture():
     prefs = rows("prefs.jsonl")
     agree = [tiny.check(r["prompt"], r["chosen"]) > tiny.check(r["prompt"], r["rejected"]) for r in prefs]
     assert all(tiny.check(r["prompt"], r["chosen"]) != tiny.check(r["prompt"], r["rejected"]) for r in prefs)
-    assert 0.90 < sum(agree) / len(agree) < 0.96  # 7% annotator noise
+    assert 0.92 < sum(agree) / len(agree) < 0.97  # 5% annotator noise
+    answers = [(r["prompt"], r["completion"]) for r in sft]
+    answers += [(r["prompt"], r[k]) for r in prefs for k in ("chosen", "rejected")]
+    for prompt, answer in answers:  # both styles restate the question; wrong answers misread the operator
+        kind, (a, b) = tiny.parse_prompt(prompt)
+        body = answer[len("Sure! ") : -len(". Hope this helps!")] if tiny.is_polite(answer) else answer
+        restated, _, result = body.rpartition(" = ")
+        assert restated == f"{a} {'+' if kind == 'add' else '-'} {b}", answer
+        expected = tiny.solve(prompt) if tiny.is_correct(prompt, answer) else str(_misread_operator(prompt))
+        assert result == expected, (prompt, answer)
     prompts = rows("prompts.jsonl")
     assert all(tiny.parse_prompt(r["prompt"]) for r in prompts) and len(prompts) == 500
 

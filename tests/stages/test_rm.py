@@ -1,9 +1,10 @@
 """The reward-model stage on the bundled tiny comparisons, from a short tiny SFT stage, on 8 fake CPU devices.
 
-The RM must learn the raters' preferences (held-out accuracy on the noisy labels, and against the task's
-ground-truth rule), leave a stage checkpoint whose reward head, statistics and per-pair rewards agree with
-one another and with a fresh scoring pass, export a HF LlamaForSequenceClassification that transformers
-scores identically, train a LoRA reward adapter over the shared base, and report bad preference rows by row.
+The RM must learn the raters' preferences (held-out accuracy >= 0.9 on the noisy labels, and agreement with
+the task's ground-truth rule on both politeness and arithmetic correctness), leave a stage checkpoint whose
+reward head, statistics and per-pair rewards agree with one another and with a fresh scoring pass, export a
+HF LlamaForSequenceClassification that transformers scores identically, train a LoRA reward adapter over the
+shared base, and report bad preference rows by row.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SFT_YAML = os.path.join(ROOT, "configs", "tiny", "sft.yaml")
 RM_YAML = os.path.join(ROOT, "configs", "tiny", "rm.yaml")
 PREFS = tiny.asset_path("prefs.jsonl")
-SFT_STEPS, RM_STEPS = 30, 120
+SFT_STEPS, RM_STEPS = 100, 300  # the RM reads arithmetic through features the SFT stage learned
 
 
 def _shared(tmp_path_factory) -> list[str]:
@@ -36,7 +37,7 @@ def _shared(tmp_path_factory) -> list[str]:
 def sft_stage(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("rm_sft")
     overrides = [
-        f"output_dir={out}", f"optim.total_steps={SFT_STEPS}", "optim.warmup_steps=5",
+        f"output_dir={out}", f"optim.total_steps={SFT_STEPS}", "optim.warmup_steps=10",
         "train.eval_every=1000", "train.progress=false", "train.tensorboard=false", "samples.num=0",
         "export.hf=false",
         *_shared(tmp_path_factory),
@@ -47,7 +48,7 @@ def sft_stage(tmp_path_factory) -> str:
 def _rm_config(out, sft_stage, tmp_path_factory, *extra: str) -> rm.RMConfig:
     overrides = [
         f"output_dir={out}", f"model.path={sft_stage}", f"optim.total_steps={RM_STEPS}",
-        "train.eval_every=60", "train.progress=false", "train.tensorboard=false",
+        f"train.eval_every={RM_STEPS // 2}", "train.progress=false", "train.tensorboard=false",
         f"data.cache_dir={tmp_path_factory.getbasetemp() / 'tiny_data_cache'}",
         *extra,
     ]  # fmt: skip
@@ -72,25 +73,28 @@ def _eval_pairs(run_dir):
 
 def test_held_out_accuracy(full_run):
     first, last = full_run.first_eval, full_run.eval_metrics
-    assert last["loss"] < first["loss"] - 0.2 and last["margin"] > first["margin"] + 0.5, (first, last)
-    # noisy labels: 7% of the bundled pairs are flipped on purpose, so ~0.93 is the ceiling
-    assert last["accuracy"] >= 0.75, last
+    assert last["loss"] < first["loss"] - 0.2 and last["margin"] > first["margin"] + 1.0, (first, last)
+    # noisy labels: 5% of the bundled pairs are flipped on purpose (13 of these 200), so 0.935 is the ceiling
+    assert last["accuracy"] >= 0.9, last
     rewards, rows = _eval_pairs(full_run.run_dir)
     assert len(rewards) == 200  # eval_fraction 0.1 of 2000 pairs, every one scored once
-    # against the ground-truth rule (which the RM never sees): style differences are learned perfectly;
-    # pairs differing only in arithmetic correctness need more capacity than the 2-layer tiny model has
-    by_style, overall = [], []
+    # against the ground-truth rule (which the RM never sees): pairs that differ in style, and pairs of one
+    # style that differ only in arithmetic correctness (a right answer against the other operation's result)
+    by_style, by_correctness = [], []
     for r, row in zip(rewards, rows, strict=True):
         sc, sr = tiny.check(row["prompt"], row["chosen"]), tiny.check(row["prompt"], row["rejected"])
         right = (r["r_chosen"] > r["r_rejected"]) == (sc > sr)
-        overall.append(right)
         if tiny.is_polite(row["chosen"]) != tiny.is_polite(row["rejected"]):
             by_style.append(right)
-    assert np.mean(by_style) >= 0.95, np.mean(by_style)
-    assert np.mean(overall) >= 0.75, np.mean(overall)
+        else:
+            by_correctness.append(right)
+    assert len(by_correctness) >= 50, len(by_correctness)
+    assert np.mean(by_style) >= 0.98, np.mean(by_style)
+    assert np.mean(by_correctness) >= 0.9, np.mean(by_correctness)
+    assert np.mean(by_style + by_correctness) >= 0.95
     records = train.read_jsonl(os.path.join(full_run.run_dir, "metrics.jsonl"))
     evals = [r for r in records if "eval/accuracy" in r]
-    assert [r["step"] for r in evals] == [0, 60, RM_STEPS]
+    assert [r["step"] for r in evals] == [0, RM_STEPS // 2, RM_STEPS]
     assert {"loss", "accuracy", "margin", "reward_mean", "reward_std"} <= set(records[1])
 
 

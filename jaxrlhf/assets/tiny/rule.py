@@ -5,14 +5,15 @@ Prompts are small arithmetic questions (a tiny model can learn the 155 facts in 
     What is 7 + 5?          (add: two integers in 0..9)
     What is 9 - 4?          (subtract: a >= b, both in 0..9)
 
-Answers come in two styles::
+Answers come in two styles (the bundled ones restate the question in both; a bare ``"12"`` counts as terse)::
 
     polite: "Sure! 7 + 5 = 12. Hope this helps!"
-    terse:  "12"
+    terse:  "7 + 5 = 12"
 
-and are right or wrong. :func:`check` scores a response as ``0.5 * correct + 0.5 * polite`` (so 0, 0.5 or 1):
-human raters in ``prefs.jsonl`` preferred the higher-scoring answer (with some label noise), so a policy that
-learns what they liked moves towards polite, correct answers and this score goes up.
+and are right or wrong (the bundled wrong ones misread the operator: ``"7 + 5 = 2"``). :func:`check` scores
+a response as ``0.5 * correct + 0.5 * polite`` (so 0, 0.5 or 1): human raters in ``prefs.jsonl`` preferred
+the higher-scoring answer (with some label noise), so a policy that learns what they liked moves towards
+polite, correct answers and this score goes up.
 """
 
 from __future__ import annotations
