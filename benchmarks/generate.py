@@ -84,8 +84,10 @@ def bench_batch(spec: ModelSpec, params, batch: int, prompt: int, new: int, args
     cfg = generation.SamplingConfig(
         max_new_tokens=new, min_new_tokens=new, temperature=0.0, stop_token_ids=()
     )
-    m = generation._Model(spec, None, dtype, dtype, args.attention, None, bool(args.fuse))
-    rcfg, pids, pmask = generation._prepare(spec, ids, mask, cfg)
+    m, rcfg, pids, pmask, rows = generation._setup(
+        spec, ids, mask, cfg, None, None, dtype, dtype, args.attention, None, bool(args.fuse),
+        args.kv_segments,
+    )  # fmt: skip
 
     def run(steps):
         return generation._generate_jit(
@@ -93,11 +95,17 @@ def bench_batch(spec: ModelSpec, params, batch: int, prompt: int, new: int, args
         )
 
     out = run(new)
-    assert int(out.lengths.min()) == new, "every row must run the full length"
+    assert int(out.lengths[:rows].min()) == new, "every row must run the full length"
     total = _best_time(lambda: run(new), args.repeats)
     first = _best_time(lambda: run(1), args.repeats)  # prefill + one decode step, same executable
     step = (total - first) / (new - 1)
-    slots = pids.shape[1] + rcfg.max_new_tokens  # the static cache every step attends over
+    # the cache slots a step attends over, averaged over the steps (decode phases: generation._segment_ends)
+    ends = generation._segment_ends(rcfg.max_new_tokens, m.kv_segments)
+    starts = (0,) + ends[:-1]
+    slots = (
+        sum((min(e, new) - min(b, new)) * (pids.shape[1] + e) for b, e in zip(starts, ends, strict=True))
+        / new
+    )
     kv_bytes = (
         spec.num_layers * 2 * batch * slots * spec.num_kv_heads * spec.head_dim * jnp.dtype(dtype).itemsize
     )
@@ -119,6 +127,9 @@ def bench_batch(spec: ModelSpec, params, batch: int, prompt: int, new: int, args
         fraction_of_copy_bandwidth=achieved / bw,
         attention=args.attention,
         fuse_projections=bool(args.fuse),
+        kv_segments=m.kv_segments,
+        kv_slots_per_step=slots,
+        decode_rows=int(pids.shape[0]),  # > batch: a single row decoded as two (generation._MIN_DECODE_ROWS)
         xla_flags=os.environ.get("XLA_FLAGS", ""),
         card=card(),
     )
@@ -135,11 +146,20 @@ def main(argv=None) -> None:
     p.add_argument(
         "--fuse", type=int, default=1, help="fuse q/k/v and gate/up kernels (1, default) or not (0)"
     )
+    p.add_argument(
+        "--pad-single-row",
+        type=int,
+        default=1,
+        help="decode batch 1 as two rows on GPU (1, default) or not (0)",
+    )
+    p.add_argument("--kv-segments", type=int, default=None, help="decode phases (default: the library's)")
     p.add_argument("--with-hf", action="store_true", help="also run the transformers baseline script")
     p.add_argument(
         "--hf-script", default=None, help="default: shared/baselines/hf_llama1b.py here or in /work"
     )
     args = p.parse_args(argv)
+    if not args.pad_single_row:
+        generation._MIN_DECODE_ROWS.clear()
     batches = args.batch or ([1, 4] if args.tiny else [1, 64, 256])
     prompt = args.prompt or (16 if args.tiny else 128)
     new = args.new or (16 if args.tiny else 256)

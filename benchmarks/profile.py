@@ -99,8 +99,11 @@ def profile_decode(args) -> dict:
     cfg = generation.SamplingConfig(
         max_new_tokens=args.new, min_new_tokens=args.new, temperature=0.0, stop_token_ids=()
     )
-    m = generation._Model(spec, None, dtype, dtype, "plain", None, bool(args.fuse))
-    rcfg, pids, pmask = generation._prepare(spec, ids, jnp.ones_like(ids), cfg)
+    if not args.pad_single_row:
+        generation._MIN_DECODE_ROWS.clear()
+    m, rcfg, pids, pmask, _ = generation._setup(
+        spec, ids, jnp.ones_like(ids), cfg, None, None, dtype, dtype, "plain", None, bool(args.fuse)
+    )
 
     def run(steps):
         return generation._generate_jit(
@@ -154,6 +157,7 @@ def main() -> None:
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--fuse", type=int, default=1, help="decode: fuse q/k/v and gate/up projections (1/0)")
+    p.add_argument("--pad-single-row", type=int, default=1, help="decode: batch 1 as two rows on GPU (1/0)")
     args = p.parse_args()
     if args.tiny:
         args.prompt, args.new = 16, 16

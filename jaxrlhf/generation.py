@@ -117,6 +117,8 @@ class _Model:
     attention_impl: str = "plain"
     mesh: Mesh | None = None
     fuse: bool = False  # decode with q/k/v and gate/up kernels concatenated (models.fuse_projections)
+    live_rows: int = 0  # > 0: rows from this index on are padding (done from the start, see _extra_rows)
+    kv_segments: int = 1  # decoder-only: decode in this many phases over a growing cache (_segment_ends)
 
 
 def _fuse_default(lora: Any, mesh: Mesh | None, fuse: bool | None) -> bool:
@@ -214,7 +216,8 @@ def _prefill(m: _Model, params, ids, mask, rng, lora, cfg: SamplingConfig) -> tu
         next_pos = jnp.zeros((batch,), jnp.int32)
     else:
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-        cache = _constrain_cache(models.init_cache(m.spec, batch, width + n_buf, dtype), m.mesh)
+        slots = width + _segment_ends(n_buf, m.kv_segments)[0]
+        cache = _constrain_cache(models.init_cache(m.spec, batch, slots, dtype), m.mesh)
         if width > 1:
             out = models.forward(
                 m.spec, params, ids[:, :-1], mask[:, :-1].astype(jnp.int32), positions=positions[:, :-1],
@@ -232,7 +235,7 @@ def _prefill(m: _Model, params, ids, mask, rng, lora, cfg: SamplingConfig) -> tu
         tokens=buf(jnp.int32) + jnp.int32(cfg.pad_token_id),
         logprobs=buf(jnp.float32),
         raw_logprobs=buf(jnp.float32),
-        done=jnp.zeros((batch,), bool),
+        done=jnp.arange(batch) >= m.live_rows if m.live_rows else jnp.zeros((batch,), bool),
         lengths=jnp.zeros((batch,), jnp.int32),
         rng=rng,
     )
@@ -248,8 +251,43 @@ def _result(state: DecodeState, ids, mask) -> GenerateResult:
 def _generate_jit(m: _Model, cfg: SamplingConfig, params, ids, mask, rng, max_new, lora) -> GenerateResult:
     params = _maybe_fuse(m, params)
     state, (ids, mask) = _prefill(m, params, ids, mask, rng, lora, cfg)
-    state = decode_loop(_make_step_fn(m, params, lora), state, cfg, max_new, max_new)
+    step_fn = _make_step_fn(m, params, lora)
+    for i, end in enumerate(_segment_ends(cfg.max_new_tokens, m.kv_segments)):
+        if i:
+            state = state._replace(cache=_grow_cache(state.cache, ids.shape[1] + end, m.mesh))
+        state = decode_loop(step_fn, state, cfg, max_new, jnp.int32(end))
     return _result(state, ids, mask)
+
+
+def _segment_ends(n_buf: int, segments: int) -> tuple[int, ...]:
+    """Step bounds of the decode phases: ``segments`` equal parts of the ``n_buf`` generation slots.
+
+    Phase ``i`` runs over a cache of ``prompt + ends[i]`` slots, so early steps do not read the empty tail
+    of the static cache (attention reads every slot of its cache each step); between phases the cache is
+    copied into a larger one (:func:`_grow_cache`). One phase = one cache of ``prompt + n_buf`` slots.
+    """
+    segments = max(1, min(segments, n_buf))
+    return tuple(-(-n_buf * (i + 1) // segments) for i in range(segments))
+
+
+def _grow_cache(cache: dict, slots: int, mesh: Mesh | None) -> dict:
+    """A decoder-only cache padded to ``slots`` slots (empty: invalid, position 0); same contents."""
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, slots - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+    grown = dict(cache)
+    grown["layers"] = tuple({k: pad(v) for k, v in layer.items()} for layer in cache["layers"])
+    grown["positions"], grown["valid"] = pad(cache["positions"]), pad(cache["valid"])
+    return _constrain_cache(grown, mesh)
+
+
+def _kv_segments(spec: ModelSpec, cfg: SamplingConfig, segments: int | None) -> int:
+    """Default: 4 phases when decoder-only and the (bucketed) generation is at least 256 tokens long."""
+    if spec.is_encoder_decoder:
+        return 1
+    if segments is None:
+        return 4 if cfg.max_new_tokens >= 256 else 1
+    if segments < 1:
+        raise ValueError(f"kv_segments must be >= 1, got {segments}")
+    return int(segments)
 
 
 @functools.partial(jax.jit, static_argnames=("m", "cfg"))
@@ -324,6 +362,45 @@ def _prepare(spec: ModelSpec, prompt_ids, prompt_mask, cfg: SamplingConfig):
     return _resolve(spec, cfg), prompt_ids, prompt_mask
 
 
+# Fewest rows a decode step runs with, by platform. XLA:GPU rewrites a matmul whose activation side is one
+# row (batch 1, one token) and whose weight has < 10M elements into multiply + reduce ("dot strength
+# reduction"), and does not fuse the two: the [in, out] product is written and read back, 3x the weight
+# bytes (the 1.24B model's q/k/v and o projections: 0.4 of a 1.47 ms step on an H200). A single-row batch is
+# therefore decoded as two identical rows and the second is dropped; the weights are still read once.
+_MIN_DECODE_ROWS = {"gpu": 2}
+
+
+def _extra_rows(rows: int, mesh: Mesh | None) -> int:
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    return max(0, _MIN_DECODE_ROWS.get(platform, 1) - rows)
+
+
+def _add_rows(ids, mask, extra: int):
+    """Append ``extra`` copies of the last prompt row (their outputs are dropped by the caller)."""
+    if not extra:
+        return ids, mask
+    xp = jnp if isinstance(ids, jax.Array) else np
+    rep = lambda a: xp.concatenate([a] + [a[-1:]] * extra, axis=0)
+    return rep(ids), rep(mask)
+
+
+def _setup(
+    spec, prompt_ids, prompt_mask, cfg, lora, lora_config, compute_dtype, cache_dtype, impl, mesh, fuse,
+    kv_segments=None,
+):  # fmt: skip
+    """Static model options, resolved config, padded prompts and the number of real output rows."""
+    fuse = _fuse_default(lora, mesh, fuse)
+    rcfg, ids, mask = _prepare(spec, prompt_ids, prompt_mask, cfg)
+    rows = ids.shape[0] * cfg.n
+    extra = _extra_rows(rows, mesh)
+    ids, mask = _add_rows(ids, mask, extra)
+    segments = _kv_segments(spec, rcfg, kv_segments)
+    m = _Model(
+        spec, lora_config, compute_dtype, cache_dtype, impl, mesh, fuse, rows if extra else 0, segments
+    )
+    return m, rcfg, ids, mask, rows
+
+
 def generate(
     spec: ModelSpec,
     params: Any,
@@ -339,6 +416,7 @@ def generate(
     attention_impl: str = "plain",
     mesh: Mesh | None = None,
     fuse_projections: bool | None = None,
+    kv_segments: int | None = None,
 ) -> GenerateResult:
     """Sample ``cfg.max_new_tokens`` tokens after each prompt; see the module docstring and GenerateResult.
 
@@ -354,22 +432,30 @@ def generate(
       fuse_projections: decode with q/k/v and gate/up kernels concatenated (one matmul each; the jitted
         call holds a fused copy of those weights). ``None`` = on unless ``lora`` is given or the mesh has
         a tensor axis > 1.
+      kv_segments: decoder-only: decode in this many phases, phase ``i`` over a cache of ``prompt +
+        (i+1)/k * max_new_tokens`` slots (the cache is copied into a larger one between phases), so early
+        steps skip the empty cache tail. ``None`` = 4 when the bucketed ``max_new_tokens`` >= 256, else 1.
+        More phases compile more loop bodies; the results are the same.
     Returns:
       GenerateResult with R = B * cfg.n rows and N = cfg.max_new_tokens columns.
     """
-    fuse = _fuse_default(lora, mesh, fuse_projections)
-    m = _Model(spec, lora_config, compute_dtype, cache_dtype, attention_impl, mesh, fuse)
-    rcfg, ids, mask = _prepare(spec, prompt_ids, prompt_mask, cfg)
+    m, rcfg, ids, mask, rows = _setup(
+        spec, prompt_ids, prompt_mask, cfg, lora, lora_config, compute_dtype, cache_dtype, attention_impl,
+        mesh, fuse_projections, kv_segments,
+    )  # fmt: skip
     rng = _check_rng(rng, cfg)
     out = _generate_jit(m, rcfg, params, ids, mask, rng, jnp.int32(cfg.max_new_tokens), lora)
     n = cfg.max_new_tokens
-    if n == rcfg.max_new_tokens:
+    if n == rcfg.max_new_tokens and rows == out.tokens.shape[0]:
         return out
-    return out._replace(
-        tokens=out.tokens[:, :n],
-        mask=out.mask[:, :n],
-        logprobs=out.logprobs[:, :n],
-        raw_logprobs=out.raw_logprobs[:, :n],
+    return GenerateResult(
+        tokens=out.tokens[:rows, :n],
+        mask=out.mask[:rows, :n],
+        logprobs=out.logprobs[:rows, :n],
+        raw_logprobs=out.raw_logprobs[:rows, :n],
+        lengths=out.lengths[:rows],
+        prompt_ids=out.prompt_ids[:rows],
+        prompt_mask=out.prompt_mask[:rows],
     )
 
 
@@ -395,9 +481,10 @@ def stream(
     Prefill is one jitted call and decoding runs ``chunk`` steps per call of one jitted loop whose state is
     donated (updated in place); the draws equal :func:`generate`'s for the same rng.
     """
-    fuse = _fuse_default(lora, mesh, fuse_projections)
-    m = _Model(spec, lora_config, compute_dtype, cache_dtype, attention_impl, mesh, fuse)
-    rcfg, ids, mask = _prepare(spec, prompt_ids, prompt_mask, cfg)
+    m, rcfg, ids, mask, rows = _setup(
+        spec, prompt_ids, prompt_mask, cfg, lora, lora_config, compute_dtype, cache_dtype, attention_impl,
+        mesh, fuse_projections, kv_segments=1,  # chunks share one donated state: one cache size
+    )  # fmt: skip
     rng = _check_rng(rng, cfg)
     state, _ = _prefill_jit(m, rcfg, params, ids, mask, rng, lora)
     max_new, done_steps = jnp.int32(cfg.max_new_tokens), 0
@@ -405,8 +492,8 @@ def stream(
         until = min(done_steps + chunk, cfg.max_new_tokens)
         state = _decode_jit(m, rcfg, params, state, max_new, jnp.int32(until), lora)
         step = int(state.step)
-        lengths = np.asarray(state.lengths)
-        tokens = np.asarray(state.tokens)[:, done_steps:step]
+        lengths = np.asarray(state.lengths)[:rows]
+        tokens = np.asarray(state.tokens)[:rows, done_steps:step]
         valid = np.arange(done_steps, step)[None, :] < lengths[:, None]
         yield tokens, valid
         if step < until:  # every row stopped

@@ -177,6 +177,73 @@ def test_stream_yields_what_generate_returns(llama):
     np.testing.assert_array_equal(np.concatenate([c[1] for c in chunks], 1), full.mask)
 
 
+def test_single_row_decoded_as_two_rows_gives_the_same_result(llama, monkeypatch):
+    """The GPU path (batch 1 padded to 2 rows, see generation._MIN_DECODE_ROWS) forced on the CPU."""
+    _, spec, params = llama
+    ids, mask = padded_batch(np.random.default_rng(5), [6], 6)
+    cfg = SamplingConfig(max_new_tokens=10, temperature=1.0, top_k=30, stop_token_ids=(5, 9))
+    greedy = SamplingConfig(max_new_tokens=10, temperature=0.0, stop_token_ids=(5, 9))
+    plain = [generation.generate(spec, params, ids, mask, jax.random.key(8), c) for c in (cfg, greedy)]
+    monkeypatch.setattr(generation, "_MIN_DECODE_ROWS", {jax.default_backend(): 2})
+    m, _, pids, _, rows = generation._setup(spec, ids, mask, cfg, None, None, None, None, "plain", None, None)
+    assert pids.shape[0] == 2 and rows == 1 and m.live_rows == 1
+    padded = [generation.generate(spec, params, ids, mask, jax.random.key(8), c) for c in (cfg, greedy)]
+    for a, b in zip(plain, padded, strict=True):
+        for name in a._fields:
+            x, y = np.asarray(getattr(a, name)), np.asarray(getattr(b, name))
+            assert x.shape == y.shape, name
+            if name.endswith("logprobs"):
+                np.testing.assert_allclose(x, y, atol=1e-5, err_msg=name)
+            else:
+                np.testing.assert_array_equal(x, y, err_msg=name)
+    chunks = list(generation.stream(spec, params, ids, mask, jax.random.key(8), cfg, chunk=4))
+    np.testing.assert_array_equal(np.concatenate([c[0] for c in chunks], 1), plain[0].tokens)
+    np.testing.assert_array_equal(np.concatenate([c[1] for c in chunks], 1), plain[0].mask)
+
+
+def _all_eqns(jaxpr):
+    for e in jaxpr.eqns:
+        yield e
+        for p in e.params.values():
+            for sub in p if isinstance(p, (tuple, list)) else (p,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _all_eqns(inner)
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral", "bloom"])
+def test_decode_phases_over_a_growing_cache_give_the_same_result(family, tmp_dir):
+    """kv_segments=3: three decode loops over caches of P+11, P+22, P+32 slots == one loop over P+32."""
+    _, path = tiny_hf_causal_lm(family, tmp_dir)
+    spec, params = models.load_pretrained(path)
+    ids, mask = padded_batch(np.random.default_rng(6), [3, 7, 5], 7)
+    assert generation._segment_ends(32, 3) == (11, 22, 32)
+    assert generation._kv_segments(spec, SamplingConfig(max_new_tokens=256), None) == 4
+    assert generation._kv_segments(spec, SamplingConfig(max_new_tokens=128), None) == 1
+    # three while loops whose carried KV caches have P+11, P+22, P+32 slots (P = prompt bucket 8)
+    m, rcfg, pids, pmask, _ = generation._setup(
+        spec, ids, mask, SamplingConfig(max_new_tokens=30), None, None, None, None, "plain", None, None, 3
+    )
+    jaxpr = jax.make_jaxpr(lambda *a: generation._generate_jit(m, rcfg, *a))(
+        params, pids, pmask, jax.random.key(0), jnp.int32(30), None
+    )
+    loops = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "while"]
+    slots = [sorted({v.aval.shape[1] for v in e.outvars if v.aval.ndim == 4}) for e in loops]
+    assert slots == [[8 + 11], [8 + 22], [8 + 32]], slots
+    for cfg in (
+        SamplingConfig(max_new_tokens=30, temperature=0.0, stop_token_ids=()),
+        SamplingConfig(max_new_tokens=30, temperature=1.0, top_p=0.95, stop_token_ids=(5,)),
+    ):
+        one, three = (
+            generation.generate(spec, params, ids, mask, jax.random.key(9), cfg, kv_segments=k)
+            for k in (1, 3)
+        )
+        np.testing.assert_array_equal(np.asarray(one.tokens), np.asarray(three.tokens))
+        np.testing.assert_array_equal(np.asarray(one.mask), np.asarray(three.mask))
+        np.testing.assert_allclose(one.raw_logprobs, three.raw_logprobs, atol=1e-5)
+        np.testing.assert_allclose(one.logprobs, three.logprobs, atol=1e-5)
+
+
 def test_right_padding_and_lora_adapters(llama):
     _, spec, params = llama
     left, lmask = padded_batch(np.random.default_rng(5), [3, 6], 6)

@@ -24,7 +24,16 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf.models.attention import Attention, make_mask
-from jaxrlhf.models.layers import Dense, Embed, Norm, activation, alibi_slopes, rope_inv_freq, rope_tables
+from jaxrlhf.models.layers import (
+    Dense,
+    Embed,
+    Norm,
+    activation,
+    alibi_slopes,
+    einsum_f32_out,
+    rope_inv_freq,
+    rope_tables,
+)
 from jaxrlhf.models.spec import ModelSpec
 from jaxrlhf.sharding import constrain
 
@@ -222,6 +231,4 @@ class LMHead(nn.Module):
             (x.shape[-1], self.vocab_size),
         )
         dtype = self.compute_dtype or kernel.dtype
-        return jnp.einsum(
-            "...e,ev->...v", x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32
-        )
+        return einsum_f32_out("...e,ev->...v", x.astype(dtype), kernel.astype(dtype))

@@ -7,6 +7,7 @@ softmax and rotary tables are always evaluated in float32.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -61,6 +62,32 @@ class Dense(nn.Module):
         return y
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def einsum_f32_out(subscripts: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """``einsum(subscripts, x, w)`` accumulated and returned in float32, with a backward in the inputs' dtype.
+
+    For the LM head (``x [B, T, E]`` with ``w [V, E]`` or ``[E, V]`` -> logits ``[B, T, V]``): the forward
+    keeps full-precision logits for the loss and log-probs; the backward rounds the logits' cotangent to
+    ``x.dtype`` before the two gradient matmuls. Without this, JAX's transpose of a bf16 x bf16 -> f32 dot
+    promotes the bf16 operands to f32 and runs both ``[B*T, V]`` gradient matmuls in f32 — on an H200 the
+    1.24B model's SFT step spent 60 of 266 ms there (vs about 22 ms in bf16). In f32 it is a plain einsum.
+    """
+    return jnp.einsum(subscripts, x, w, preferred_element_type=jnp.float32)
+
+
+def _einsum_f32_out_fwd(subscripts, x, w):
+    return einsum_f32_out(subscripts, x, w), (x, w)
+
+
+def _einsum_f32_out_bwd(subscripts, res, g):
+    x, w = res
+    _, vjp = jax.vjp(lambda a, b: jnp.einsum(subscripts, a, b), x, w)
+    return vjp(g.astype(jnp.result_type(x, w)))
+
+
+einsum_f32_out.defvjp(_einsum_f32_out_fwd, _einsum_f32_out_bwd)
+
+
 class Embed(nn.Module):
     """Token (or learned position) table ``embedding [num, features]``; ``attend`` is the tied output head."""
 
@@ -81,9 +108,7 @@ class Embed(nn.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """Logits ``[..., num] = x @ embedding.T`` accumulated in float32."""
         dtype = self.compute_dtype or self.embedding.dtype
-        return jnp.einsum(
-            "...e,ve->...v", x.astype(dtype), self.embedding.astype(dtype), preferred_element_type=jnp.float32
-        )
+        return einsum_f32_out("...e,ve->...v", x.astype(dtype), self.embedding.astype(dtype))
 
 
 class Norm(nn.Module):

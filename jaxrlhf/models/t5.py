@@ -34,6 +34,7 @@ from jaxrlhf.models._t5_params import (  # noqa: F401  (re-exported public API)
     spec_for_checkpoint,
 )
 from jaxrlhf.models._t5_params import check_spec as _check_spec
+from jaxrlhf.models.layers import einsum_f32_out
 from jaxrlhf.models.outputs import ForwardOutput
 from jaxrlhf.models.spec import ModelSpec
 from jaxrlhf.sharding import constrain
@@ -261,7 +262,7 @@ def _logits(spec: ModelSpec, params, hidden, lora, lora_config, rng) -> jax.Arra
     h = hidden * (spec.hidden_size**-0.5) if spec.scale_decoder_outputs else hidden
     if spec.tie_word_embeddings:
         w = params["shared"]["embedding"].astype(h.dtype)
-        logits = jnp.einsum("bte,ve->btv", h, w, preferred_element_type=jnp.float32)
+        logits = einsum_f32_out("bte,ve->btv", h, w)
     else:
         logits = L.dense(
             h, params["lm_head"], _child(lora, "lm_head"), lora_config, L.sub_rng(rng, "lm_head")
