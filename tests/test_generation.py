@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from jaxrlhf import generation, models, sharding  # noqa: E402
 from jaxrlhf.generation import SamplingConfig  # noqa: E402
+from tests._jaxpr import all_eqns  # noqa: E402
 from tests.models._hf_tiny import VOCAB, padded_batch, tiny_hf_causal_lm  # noqa: E402
 
 NEW = 20
@@ -201,16 +202,6 @@ def test_single_row_decoded_as_two_rows_gives_the_same_result(llama, monkeypatch
     np.testing.assert_array_equal(np.concatenate([c[1] for c in chunks], 1), plain[0].mask)
 
 
-def _all_eqns(jaxpr):
-    for e in jaxpr.eqns:
-        yield e
-        for p in e.params.values():
-            for sub in p if isinstance(p, (tuple, list)) else (p,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _all_eqns(inner)
-
-
 @pytest.mark.parametrize("family", ["llama3", "mistral", "bloom"])
 def test_decode_phases_over_a_growing_cache_give_the_same_result(family, tmp_dir):
     """kv_segments=3: three decode loops over caches of P+11, P+22, P+32 slots == one loop over P+32."""
@@ -227,7 +218,7 @@ def test_decode_phases_over_a_growing_cache_give_the_same_result(family, tmp_dir
     jaxpr = jax.make_jaxpr(lambda *a: generation._generate_jit(m, rcfg, *a))(
         params, pids, pmask, jax.random.key(0), jnp.int32(30), None
     )
-    loops = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "while"]
+    loops = [e for e in all_eqns(jaxpr.jaxpr) if e.primitive.name == "while"]
     slots = [sorted({v.aval.shape[1] for v in e.outvars if v.aval.ndim == 4}) for e in loops]
     assert slots == [[8 + 11], [8 + 22], [8 + 32]], slots
     for cfg in (

@@ -8,17 +8,7 @@ import numpy as np
 import pytest
 
 from jaxrlhf.models.layers import einsum_f32_out
-
-
-def _eqns(jaxpr):
-    """All equations of a jaxpr, nested ones (custom_vjp, pjit) included."""
-    for e in jaxpr.eqns:
-        yield e
-        for p in e.params.values():
-            for sub in p if isinstance(p, (tuple, list)) else (p,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _eqns(inner)
+from tests._jaxpr import all_eqns
 
 
 def _loss(fn, x, w, t):
@@ -54,7 +44,7 @@ def test_bf16_forward_is_f32_and_backward_matmuls_are_bf16():
 
     grad = jax.grad(lambda a, b: _loss(lambda p, q: einsum_f32_out("...e,ve->...v", p, q), a, b, t), (0, 1))
     jaxpr = jax.make_jaxpr(grad)(x, w)
-    dots = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+    dots = [e for e in all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
     assert len(dots) >= 3  # forward + two gradient matmuls
     for e in dots:  # no operand is promoted to f32: every matmul reads bf16 inputs
         assert all(v.aval.dtype == jnp.bfloat16 for v in e.invars), e
