@@ -435,7 +435,9 @@ def generate(
       kv_segments: decoder-only: decode in this many phases, phase ``i`` over a cache of ``prompt +
         (i+1)/k * max_new_tokens`` slots (the cache is copied into a larger one between phases), so early
         steps skip the empty cache tail. ``None`` = 4 when the bucketed ``max_new_tokens`` >= 256, else 1.
-        More phases compile more loop bodies; the results are the same.
+        More phases compile more loop bodies, and during each copy the old and the new cache are both
+        live (peak KV memory up to about 1.75x the final cache with 4 phases; pass 1 when that matters).
+        Results are the same up to float rounding of the attention sums over the different cache lengths.
     Returns:
       GenerateResult with R = B * cfg.n rows and N = cfg.max_new_tokens columns.
     """
@@ -479,7 +481,8 @@ def stream(
     """Like :func:`generate` but yields ``(tokens [R, k], mask [R, k])`` numpy chunks as they are decoded.
 
     Prefill is one jitted call and decoding runs ``chunk`` steps per call of one jitted loop whose state is
-    donated (updated in place); the draws equal :func:`generate`'s for the same rng.
+    donated (updated in place); the draws equal :func:`generate`'s for the same rng (``generate`` with
+    ``kv_segments=1``; stream always decodes over one cache size).
     """
     m, rcfg, ids, mask, rows = _setup(
         spec, prompt_ids, prompt_mask, cfg, lora, lora_config, compute_dtype, cache_dtype, attention_impl,

@@ -81,8 +81,11 @@ def _einsum_f32_out_fwd(subscripts, x, w):
 
 def _einsum_f32_out_bwd(subscripts, res, g):
     x, w = res
-    _, vjp = jax.vjp(lambda a, b: jnp.einsum(subscripts, a, b), x, w)
-    return vjp(g.astype(jnp.result_type(x, w)))
+    g = g.astype(jnp.result_type(x, w))
+    # transposes of the two linear maps: no forward recomputation (jax.vjp would run it outside jit)
+    (dx,) = jax.linear_transpose(lambda a: jnp.einsum(subscripts, a, w), x)(g)
+    (dw,) = jax.linear_transpose(lambda b: jnp.einsum(subscripts, x, b), w)(g)
+    return dx, dw
 
 
 einsum_f32_out.defvjp(_einsum_f32_out_fwd, _einsum_f32_out_bwd)
