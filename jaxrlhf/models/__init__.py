@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxrlhf import sharding
+from jaxrlhf.models import decoder as _dec
 from jaxrlhf.models.decoder import Decoder
 from jaxrlhf.models.outputs import ForwardOutput
 from jaxrlhf.models.spec import ConfigError, ModelSpec, load_hf_config
@@ -37,6 +38,8 @@ __all__ = [
     "init_cache",
     "init_params",
     "jit_forward",
+    "lm_head",
+    "lm_head_operands",
     "load_hf_config",
     "load_pretrained",
     "param_axes",
@@ -221,6 +224,45 @@ def forward(
         variables, input_ids, attention_mask, positions, segment_ids, cache, rngs=rngs
     )
     return ForwardOutput(logits, hidden, new_cache, None)
+
+
+def lm_head(
+    spec: ModelSpec,
+    params: dict,
+    hidden: jax.Array,
+    *,
+    lora: dict | None = None,
+    lora_config: Any = None,
+    compute_dtype: Any = None,
+) -> jax.Array:
+    """The LM head alone: f32 logits ``[..., V]`` of ``hidden [..., E]`` = ``ForwardOutput.hidden``.
+
+    ``lm_head(spec, params, forward(...).hidden, compute_dtype=c) == forward(..., compute_dtype=c).logits``
+    for every family: tied (``hidden @ embedding.T``) or untied (``hidden @ lm_head.kernel``); OPT's
+    ``project_out`` is already in ``hidden``; T5 rescales by ``E**-0.5`` when ``scale_decoder_outputs``.
+    Lets callers apply the head only where it is needed (e.g. log-probs at completion positions only).
+    ``lora`` applies to a T5 untied ``lm_head`` adapter (decoder-only heads take no adapter, as in forward).
+    """
+    if spec.is_encoder_decoder:
+        return _t5().lm_head(
+            spec, params, hidden, lora=lora, lora_config=lora_config, compute_dtype=compute_dtype
+        )
+    logits = _dec.lm_head(spec, params, hidden, compute_dtype)
+    return sharding.constrain(logits, ("batch", "length", "act_vocab")[-logits.ndim :])
+
+
+def lm_head_operands(
+    spec: ModelSpec, params: dict, hidden: jax.Array, *, compute_dtype: Any = None
+) -> tuple[jax.Array, jax.Array]:
+    """``(h [..., E], kernel [E, V])`` in the compute dtype with ``lm_head(...) ~= h @ kernel`` (f32 acc.).
+
+    The operands of the chunked losses (``losses.chunked_token_logprobs`` / ``chunked_sft_loss``), which never
+    build the ``[B, T, V]`` logits. T5 rescaling is folded into ``h``; a tied kernel is the embedding
+    transposed. Exact for every head except T5's untied head in bf16 (there forward rounds logits to bf16).
+    """
+    if spec.is_encoder_decoder:
+        return _t5().lm_head_operands(spec, params, hidden, compute_dtype=compute_dtype)
+    return _dec.lm_head_operands(spec, params, hidden, compute_dtype)
 
 
 def jit_forward(spec: ModelSpec, mesh: Mesh, **forward_kwargs: Any):

@@ -217,6 +217,29 @@ class Decoder(nn.Module):
         return logits, hidden, new_cache
 
 
+def lm_head_operands(spec: ModelSpec, params: dict, hidden: jax.Array, compute_dtype: Any = None):
+    """``(h [..., E], kernel [E, V])`` in the compute dtype; logits = ``h @ kernel`` (f32 accumulation).
+
+    ``hidden`` is ``ForwardOutput.hidden`` (after the final norm and OPT's ``project_out``); the kernel is
+    ``embed_tokens/embedding`` transposed when tied, else ``lm_head/kernel``.
+    """
+    if spec.tie_word_embeddings:
+        w = params["embed_tokens"]["embedding"]
+        dtype = compute_dtype or w.dtype
+        return hidden.astype(dtype), w.astype(dtype).T
+    w = params["lm_head"]["kernel"]
+    dtype = compute_dtype or w.dtype
+    return hidden.astype(dtype), w.astype(dtype)
+
+
+def lm_head(spec: ModelSpec, params: dict, hidden: jax.Array, compute_dtype: Any = None) -> jax.Array:
+    """f32 logits ``[..., V]`` of ``hidden [..., E]``: the same einsum as :class:`Decoder`'s head."""
+    h, w = lm_head_operands(spec, params, hidden, compute_dtype)
+    if spec.tie_word_embeddings:
+        return einsum_f32_out("...e,ve->...v", h, w.T)
+    return einsum_f32_out("...e,ev->...v", h, w)
+
+
 class LMHead(nn.Module):
     """Untied output head ``kernel [E, V]``; logits accumulate in float32."""
 

@@ -258,6 +258,22 @@ def forward(
     )
 
 
+def lm_head(spec: ModelSpec, params, hidden, *, lora=None, lora_config=None, compute_dtype=None) -> jax.Array:
+    """f32 logits ``[..., V]`` of decoder ``hidden [..., E]`` (``ForwardOutput.hidden``) as in forward."""
+    cdt = compute_dtype or params["shared"]["embedding"].dtype
+    return _logits(spec, params, hidden.astype(cdt), lora, lora_config, None)
+
+
+def lm_head_operands(spec: ModelSpec, params, hidden, *, compute_dtype=None) -> tuple[jax.Array, jax.Array]:
+    """``(h [..., E], kernel [E, V])`` in the compute dtype, ``logits = h @ kernel`` (rescaled)."""
+    cdt = compute_dtype or params["shared"]["embedding"].dtype
+    h = hidden.astype(cdt)
+    h = h * (spec.hidden_size**-0.5) if spec.scale_decoder_outputs else h
+    if spec.tie_word_embeddings:
+        return h, params["shared"]["embedding"].astype(cdt).T
+    return h, params["lm_head"]["kernel"].astype(cdt)
+
+
 def _logits(spec: ModelSpec, params, hidden, lora, lora_config, rng) -> jax.Array:
     h = hidden * (spec.hidden_size**-0.5) if spec.scale_decoder_outputs else hidden
     if spec.tie_word_embeddings:
