@@ -4,7 +4,9 @@ Hyper-parameters are keyword-only; stateful pieces (KL coefficient, reward stati
 pairs with NamedTuple state, like optax transformations.
 """
 
+from ._aggregate import LOSS_AGGREGATIONS, aggregate_loss
 from ._dpo import DPO_LOSS_TYPES, dpo_loss
+from ._entropy import token_entropy
 from ._gae import gae
 from ._grpo import GRPO_LOSS_AGGREGATIONS, grpo_advantages, grpo_loss
 from ._kl import (
@@ -16,8 +18,9 @@ from ._kl import (
     kl_penalty,
 )
 from ._masked import masked_mean, masked_sum, masked_var, masked_whiten
-from ._ppo import ppo_policy_loss, ppo_value_loss
+from ._ppo import ppo_policy_loss, ppo_policy_terms, ppo_value_loss, ppo_value_terms
 from ._reward import RewardNormalizer, RunningStats, normalize_rewards, reward_loss, running_reward_normalizer
+from ._reward_shaping import clip_rewards, seeded_reward_stats, token_rewards
 from ._sft import sft_loss, token_logprobs
 
 __all__ = [
@@ -26,9 +29,12 @@ __all__ = [
     "KL_ESTIMATORS",
     "KLController",
     "KLControllerState",
+    "LOSS_AGGREGATIONS",
     "RewardNormalizer",
     "RunningStats",
     "adaptive_kl_controller",
+    "aggregate_loss",
+    "clip_rewards",
     "dpo_loss",
     "fixed_kl_controller",
     "gae",
@@ -41,9 +47,14 @@ __all__ = [
     "masked_whiten",
     "normalize_rewards",
     "ppo_policy_loss",
+    "ppo_policy_terms",
     "ppo_value_loss",
+    "ppo_value_terms",
     "reward_loss",
     "running_reward_normalizer",
+    "seeded_reward_stats",
     "sft_loss",
+    "token_entropy",
     "token_logprobs",
+    "token_rewards",
 ]

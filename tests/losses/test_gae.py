@@ -75,3 +75,35 @@ def test_padding_values_are_never_bootstrapped():
     reward_to_go = np.cumsum((rewards * mask)[:, ::-1], axis=1)[:, ::-1] * mask
     np.testing.assert_allclose(ret, reward_to_go, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(adv, (reward_to_go - values) * mask, rtol=1e-5, atol=1e-5)
+
+
+@st.composite
+def aligned_batch(draw):
+    """Contiguous valid runs only: right-padded (left-aligned), left-padded (right-aligned) or both."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    mask = np.zeros((B, T), np.float32)
+    for b in range(B):
+        length = draw(st.integers(0, T))
+        side = draw(st.sampled_from(["left_aligned", "right_aligned", "inner"]))
+        start = {"left_aligned": 0, "right_aligned": T - length}.get(side, draw(st.integers(0, T - length)))
+        mask[b, start : start + length] = 1.0
+    return rng.normal(size=(B, T)).astype(np.float32), rng.normal(size=(B, T)).astype(np.float32), mask
+
+
+@hypothesis.given(aligned_batch())
+def test_lam_one_gamma_one_is_reward_to_go_minus_values(batch):
+    rewards, values, mask = batch
+    adv, ret = _gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    reward_to_go = np.cumsum((rewards * mask)[:, ::-1], axis=1)[:, ::-1] * mask
+    np.testing.assert_allclose(ret, reward_to_go, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(adv, (reward_to_go - values) * mask, rtol=1e-5, atol=1e-5)
+
+
+@hypothesis.given(aligned_batch(), st.sampled_from([1.0, 0.9]))
+def test_lam_zero_is_one_step_td(batch, gamma):
+    rewards, values, mask = batch
+    adv, ret = _gae(rewards, values, mask, gamma=gamma, lam=0.0)
+    next_v = np.concatenate([(values * mask)[:, 1:], np.zeros((B, 1), np.float32)], axis=1)
+    td = (rewards + gamma * next_v - values) * mask  # V after the last valid token is 0 (masked)
+    np.testing.assert_allclose(adv, td, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ret, (rewards + gamma * next_v) * mask, rtol=1e-5, atol=1e-5)

@@ -1,5 +1,7 @@
 """KL estimators against the exact KL of small categorical distributions; the KL coefficient controllers."""
 
+import hypothesis
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,3 +81,36 @@ def test_adaptive_controller_follows_ziegler_et_al():
     np.testing.assert_allclose(high.kl_coef, 0.2 * 1.2, rtol=1e-6)  # error clipped at +20%
     fixed = losses.fixed_kl_controller(0.05)
     assert float(fixed.update(fixed.init(), 100.0, 10).kl_coef) == pytest.approx(0.05)
+
+
+_adaptive = losses.adaptive_kl_controller(0.1, target=6.0, horizon=10_000)
+_adaptive_update = jax.jit(_adaptive.update)
+kl_values = st.floats(0.0, 60.0, allow_nan=False, width=32)
+
+
+@hypothesis.given(st.floats(1e-3, 2.0), kl_values, st.integers(1, 20_000))
+def test_adaptive_coefficient_moves_towards_the_target_with_a_clipped_error(coef, kl, n):
+    state = _adaptive_update(losses.KLControllerState(jnp.float32(coef)), kl, n)
+    ratio = float(state.kl_coef) / np.float32(coef)
+    if kl > 6.0 * (1 + 1e-6):
+        assert ratio > 1.0  # KL above target: penalise more
+    elif kl < 6.0 * (1 - 1e-6):
+        assert ratio < 1.0  # below: penalise less
+    # |e| <= 0.2: the coefficient moves by at most 20% * n / horizon
+    assert 1 - 0.2 * n / 10_000 - 1e-5 <= ratio <= 1 + 0.2 * n / 10_000 + 1e-5
+    np.testing.assert_allclose(ratio, 1 + np.clip(kl / 6.0 - 1, -0.2, 0.2) * n / 10_000, rtol=1e-5)
+
+
+@hypothesis.given(st.lists(st.tuples(kl_values, st.integers(1, 5000)), min_size=1, max_size=5))
+def test_fixed_controller_stays_fixed(history):
+    ctl = losses.fixed_kl_controller(0.05)
+    state = ctl.init()
+    for kl, n in history:
+        state = ctl.update(state, kl, n)
+    assert float(state.kl_coef) == np.float32(0.05)
+
+
+def test_controller_rejects_bad_settings():
+    for kw in ({"target": 0.0, "horizon": 10.0}, {"target": 1.0, "horizon": -1.0}):
+        with pytest.raises(ValueError, match="target"):
+            losses.adaptive_kl_controller(0.1, **kw)

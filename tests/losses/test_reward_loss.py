@@ -100,3 +100,37 @@ def test_running_normalizer_matches_numpy_over_the_stream(batches, rnd):
         z = losses.normalize_rewards(state, seen.astype(np.float32), eps=0.0)
         if seen.std() > 1e-2:
             np.testing.assert_allclose(z, (seen - seen.mean()) / seen.std(), rtol=1e-3, atol=1e-3)
+
+
+@hypothesis.given(
+    st.floats(-3.0, 3.0),
+    st.floats(0.1, 3.0),
+    st.sampled_from([1.0, 16.0, 1000.0]),
+    st.lists(floats, min_size=N, max_size=N),
+)
+def test_seeded_stats_merge_like_pseudo_samples(mean, std, count, batch):
+    """Seeded (mean, std, count) then a batch == the pooled moments of `count` seed samples and the batch."""
+    state = _norm_update(losses.seeded_reward_stats(mean, std, count=count), np.array(batch, np.float32))
+    r = np.array(batch, np.float64)
+    n = count + N
+    pooled_mean = (count * mean + r.sum()) / n
+    pooled_var = (count * (std**2 + (mean - pooled_mean) ** 2) + np.sum((r - pooled_mean) ** 2)) / n
+    np.testing.assert_allclose(state.count, n)
+    np.testing.assert_allclose(state.mean, pooled_mean, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(state.var, pooled_var, rtol=1e-3, atol=1e-4)
+    seed = losses.seeded_reward_stats(mean, std, count=count)
+    np.testing.assert_allclose(seed.std, std, rtol=1e-5)
+    # the seed alone normalises with the reward model's statistics
+    np.testing.assert_allclose(
+        losses.normalize_rewards(seed, jnp.float32(mean + std), eps=0.0), 1.0, rtol=1e-4
+    )
+
+
+@hypothesis.given(st.lists(floats, min_size=N, max_size=N), st.floats(0.1, 5.0))
+def test_reward_clipping_bounds_and_keeps_inner_values(values, clip):
+    r = np.array(values, np.float32)
+    c = np.asarray(losses.clip_rewards(r, clip=clip))
+    assert np.all(np.abs(c) <= np.float32(clip))
+    inside = np.abs(r) <= clip
+    np.testing.assert_array_equal(c[inside], r[inside])
+    np.testing.assert_array_equal(losses.clip_rewards(r, clip=None), r)
