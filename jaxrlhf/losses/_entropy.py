@@ -4,9 +4,9 @@ For logits z [..., V] and temperature tau, with p = softmax(z / tau):
 
     H = -sum_v p_v log p_v,      log p = z / tau - logsumexp(z / tau)
 
-(``-sum p log p`` rather than ``lse - sum p z``, which cancels badly at low entropy in float32). Uniform logits give log V; a one-hot limit gives 0. The
-PPO entropy bonus is ``-ent_coef * aggregate_loss(H, mask)``; top-k / top-p truncation of the sampler is not
-applied, like the log-probs of the update.
+(``-sum p log p`` rather than ``lse - sum p z``, which cancels badly at low entropy in float32). Uniform
+logits give log V; a one-hot limit gives 0. The PPO entropy bonus is ``-ent_coef * aggregate_loss(H,
+mask)``; top-k / top-p truncation of the sampler is not applied, like the log-probs of the update.
 """
 
 from __future__ import annotations
