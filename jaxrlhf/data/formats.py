@@ -8,7 +8,10 @@ Formats (detected from the columns by :func:`detect_format`, or named in ``DataC
 ``messages``                  ``messages`` (or ShareGPT ``conversations``): chat through a template,
                               loss on the assistant tokens (:func:`jaxrlhf.data.templates.tokenize_chat`)
 ``preference``                ``chosen`` + ``rejected`` (strings with a ``prompt`` string, or message lists
-                              with an optional ``prompt`` message list), optional ``margin``
+                              with a ``prompt`` message list or string), optional ``margin``; or an
+                              implicit prompt: whole conversations sharing their leading messages
+                              (UltraFeedback), HH-RLHF texts sharing all up to the last ``\\n\\nAssistant:``
+                              (see :func:`split_preference`)
 ``prompt``                    ``prompt`` only (a string or messages), for PPO / GRPO generation
 ``seq2seq``                   ``inputs`` + ``targets`` for encoder-decoder models (T5, UL2)
 ============================  ========================================================================
@@ -200,6 +203,89 @@ def _finish(ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
     return ids, mask
 
 
+# ------------------------------------------------------------------------------------------ preference
+HH_ASSISTANT = "\n\nAssistant:"  # Anthropic HH-RLHF turn marker: the implicit prompt ends at the last one
+
+
+def _common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _implicit_text_prompt(chosen: str, rejected: str) -> str:
+    """HH-RLHF style: the longest common prefix of the two texts that ends at a ``"\\n\\nAssistant:"``."""
+    shared = chosen[: _common_prefix(chosen, rejected)]
+    end = shared.rfind(HH_ASSISTANT)
+    if end < 0:
+        raise RowError(
+            f"no prompt column, and chosen and rejected share no prefix ending in {HH_ASSISTANT!r} "
+            "(Anthropic HH style): add a prompt column",
+            "prompt",
+        )
+    return shared[: end + len(HH_ASSISTANT)]
+
+
+def split_preference(row: dict[str, Any]) -> tuple[str | list[dict] | None, tuple]:
+    """``(prompt, (chosen, rejected))`` of a preference row: all strings (prompt possibly ``""``), or all
+    message lists (the prompt the shared context, the responses ending in the assistant answer).
+
+    Accepted rows: ``prompt`` + ``chosen`` / ``rejected`` as strings or message lists (TRL's explicit
+    prompt; a string prompt becomes a user message when the responses are messages); implicit prompts:
+    ``chosen`` / ``rejected`` as whole conversations sharing their leading messages (UltraFeedback: a
+    ``prompt`` string may sit beside them and is then not used again), or as HH-RLHF texts sharing
+    everything up to the last ``"\\n\\nAssistant:"``. Raises :class:`RowError` for identical or empty
+    responses and pairs without a prompt.
+    """
+    prompt, raw = row.get("prompt"), (row.get("chosen"), row.get("rejected"))
+    if raw[0] is not None and raw[0] == raw[1]:
+        raise RowError("chosen and rejected are identical (nothing to compare)", "rejected")
+    if not any(isinstance(x, list) for x in (prompt, *raw)):  # plain text
+        if prompt is None:
+            c, r = _text(row, "chosen"), _text(row, "rejected")
+            prompt = _implicit_text_prompt(c, r)
+            sides = (c[len(prompt) :], r[len(prompt) :])
+            for side, text in zip(("chosen", "rejected"), sides, strict=True):
+                if not text.strip():
+                    raise RowError(f"the response after the shared prompt {HH_ASSISTANT!r} is empty", side)
+            return prompt, sides
+        return _text(row, "prompt", True), (_text(row, "chosen"), _text(row, "rejected"))
+    sides = tuple(
+        _messages(row, side)
+        if isinstance(row.get(side), list)
+        else [{"role": "assistant", "content": _text(row, side)}]
+        for side in ("chosen", "rejected")
+    )
+    if isinstance(prompt, list):
+        p = _messages(row, "prompt")
+        if all(resp[: len(p)] == p and len(resp) > len(p) for resp in sides):  # whole conversations
+            sides = tuple(resp[len(p) :] for resp in sides)
+    elif any(resp[0]["role"] != "assistant" for resp in sides):  # conversations carrying their own prompt
+        k = _common_prefix(*sides)
+        if k == 0:
+            raise RowError(
+                "chosen and rejected conversations share no leading messages (no prompt)", "rejected"
+            )
+        for side, resp in zip(("chosen", "rejected"), sides, strict=True):
+            if len(resp) != k + 1:
+                raise RowError(
+                    f"chosen and rejected must differ only in their final message; they share {k} leading "
+                    f"message(s) and {side} has {len(resp) - k} after them",
+                    side,
+                )
+        p, sides = sides[0][:k], (sides[0][k:], sides[1][k:])
+    elif prompt is not None:
+        p = [{"role": "user", "content": _text(row, "prompt")}]
+    else:
+        raise RowError("chosen/rejected assistant messages need a prompt column", "prompt")
+    if sides[0] == sides[1]:
+        raise RowError("chosen and rejected responses are identical (nothing to compare)", "rejected")
+    return p, sides
+
+
 # ------------------------------------------------------------------------------------------------- rows
 def process_row(row: dict[str, Any], fmt: str, kind: str, tokenizer, opts: dict) -> dict[str, Any]:
     """One source row -> one tokenized example (lists of ints). Raises :class:`RowError` on a bad row.
@@ -229,26 +315,16 @@ def process_row(row: dict[str, Any], fmt: str, kind: str, tokenizer, opts: dict)
             ids, mask = _finish(*_fit(ids, mask, len(tokenizer.prefix_ids), opts, field))
         return {"input_ids": ids, "loss_mask": mask}
     if kind == "preference":
+        prompt, sides = split_preference(row)
         out = {}
-        prompt = row.get("prompt")
-        for side in ("chosen", "rejected"):
-            if isinstance(row.get(side), list) or isinstance(prompt, list):
-                prompt_msgs = _messages(row, "prompt") if prompt is not None else []
-                resp = row.get(side)
-                resp_msgs = (
-                    [{"role": "assistant", "content": _text(row, side)}]
-                    if isinstance(resp, str)
-                    else (_messages(row, side))
-                )
-                ids, mask = _chat(tokenizer, prompt_msgs + resp_msgs, side, last_turn_only=True)
+        for side, resp in zip(("chosen", "rejected"), sides, strict=True):
+            if isinstance(resp, list):
+                msgs = (prompt or []) + resp
+                ids, mask = _chat(tokenizer, msgs, side, last_turn_only=True)
                 ids, mask = _fit(ids, mask, len(tokenizer.prefix_ids), opts, side)
             else:
-                if prompt is None:
-                    raise RowError("string chosen/rejected need a prompt column", "prompt")
-                ids, mask = _pair(tokenizer, _text(row, "prompt", True), _text(row, side), opts, side)
+                ids, mask = _pair(tokenizer, prompt, resp, opts, side)
             out[f"{side}_input_ids"], out[f"{side}_loss_mask"] = _finish(ids, mask)
-        if row.get("chosen") == row.get("rejected"):
-            raise RowError("chosen and rejected are identical (nothing to compare)", "rejected")
         margin = row.get("margin", 0.0)
         if margin is None:
             margin = 0.0
@@ -260,6 +336,9 @@ def process_row(row: dict[str, Any], fmt: str, kind: str, tokenizer, opts: dict)
         if fmt == "messages":
             field = "messages" if "messages" in row else "conversations"
             value: Any = _messages(row, field)
+        elif fmt == "preference":
+            field = "prompt"
+            value = split_preference(row)[0]
         else:
             field = "prompt"
             value = row.get("prompt")

@@ -91,6 +91,58 @@ def test_preference_strings_and_messages(tmp_path, bpe):
     assert ex["margin"] == 0.0
 
 
+HH = "\n\nHuman: What is two plus two?\n\nAssistant:"
+USER, ASSISTANT = "user", "assistant"
+
+
+def _msg(role, content):
+    return {"role": role, "content": content}
+
+
+def test_preference_implicit_prompts_match_explicit_ones(tmp_path, bpe):
+    """HH-RLHF texts and conversations that carry their own prompt tokenize exactly like the explicit rows."""
+    multi = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: what is two plus two?\n\nAssistant:"
+    implicit = [
+        {"chosen": HH + " The answer is four.", "rejected": HH + " The answer is five."},
+        {"chosen": multi + " four", "rejected": multi + " 5"},
+    ]
+    explicit = [
+        {"prompt": HH, "chosen": " The answer is four.", "rejected": " The answer is five."},
+        {"prompt": multi, "chosen": " four", "rejected": " 5"},
+    ]
+    got = build(tmp_path, implicit, bpe, "preference", name="hh.jsonl").data
+    want = build(tmp_path, explicit, bpe, "preference", name="explicit.jsonl").data
+    for i in range(2):
+        assert got[i] == want[i]
+    # the prompt ends at the last "Assistant:" even though both answers start with "The answer is"
+    ex = got[0]
+    assert (
+        masked_text(bpe, ex["chosen_input_ids"], ex["chosen_loss_mask"])
+        == " The answer is four." + bpe.eos_token
+    )
+    prompts = build(tmp_path, implicit, bpe, "prompt", name="hh_prompts.jsonl").data
+    assert prompts[1]["prompt_ids"] == [*bpe.prefix_ids, *bpe.encode(multi)]
+
+    shared = [_msg(USER, "a"), _msg(ASSISTANT, "b"), _msg(USER, "c")]
+    yes, no = [_msg(ASSISTANT, "yes")], [_msg(ASSISTANT, "no")]
+    ultrafeedback = {"prompt": "c", "chosen": shared + yes, "rejected": shared + no}
+    conversations = {"chosen": shared + yes, "rejected": shared + no}  # no prompt column at all
+    with_prompt = {"prompt": shared, "chosen": shared + yes, "rejected": shared + no}  # prompt repeated
+    rows = [ultrafeedback, conversations, with_prompt, {"prompt": shared, "chosen": yes, "rejected": no}]
+    got = build(tmp_path, rows, bpe, "preference", name="chat.jsonl").data
+    for i in range(3):
+        assert {**got[i], "index": 3} == got[3], i
+    assert masked_text(bpe, got[0]["chosen_input_ids"], got[0]["chosen_loss_mask"]) == "yes<|im_end|>"
+    ids, _ = data.tokenize_chat(bpe, shared + yes)
+    assert got[0]["chosen_input_ids"] == ids
+    prompts = build(tmp_path, rows, bpe, "prompt", name="chat_prompts.jsonl").data
+    assert prompts[1]["prompt_ids"] == data.tokenize_chat_prompt(bpe, shared)
+    # a string prompt with assistant-only message responses becomes the user turn
+    row = {"prompt": "c", "chosen": yes, "rejected": "no"}
+    ex = build(tmp_path, [row], bpe, "preference", name="s.jsonl").data[0]
+    assert ex["chosen_input_ids"] == data.tokenize_chat(bpe, [_msg(USER, "c"), *yes])[0]
+
+
 def test_prompt_only_from_strings_and_messages(tmp_path, bpe):
     rows = [{"prompt": "Tell me a joke.", "answer": "42"}]
     ds = build(tmp_path, rows, bpe, "prompt")
@@ -161,9 +213,24 @@ BAD_CASES = [
     ([{"messages": [{"role": "user", "content": "hi"}]}], "sft", 0, "messages", "no assistant message"),
     ([{"messages": [{"role": "bot", "content": "hi"}]}], "sft", 0, "messages", "unknown role"),
     ([{"messages": "not a list"}], "sft", 0, "messages", "list of messages"),
-    ([{"chosen": "b", "rejected": "c"}], "preference", 0, "prompt", "need a prompt"),
+    ([{"chosen": "b", "rejected": "c"}], "preference", 0, "prompt", "add a prompt column"),
     ([{"prompt": "a", "chosen": "same", "rejected": "same"}], "preference", 0, "rejected", "identical"),
-]
+    ([{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "", "rejected": "c"}],
+     "preference", 1, "chosen", "is empty"),
+    ([{"chosen": "Human: hi Bot: yes", "rejected": "Human: hi Bot: no"}], "preference", 0, "prompt",
+     "share no prefix"),
+    ([{"chosen": HH + " four", "rejected": HH + " 4"}, {"chosen": HH + " four", "rejected": HH + "  "}],
+     "preference", 1, "rejected", "response after the shared prompt"),
+    ([{"chosen": [_msg(USER, "x"), _msg(ASSISTANT, "y")],
+       "rejected": [_msg(USER, "z"), _msg(ASSISTANT, "y")]}], "preference", 0, "rejected", "no leading"),
+    ([{"chosen": [_msg(USER, "x"), _msg(ASSISTANT, "y"), _msg(USER, "u"), _msg(ASSISTANT, "v")],
+       "rejected": [_msg(USER, "x"), _msg(ASSISTANT, "w"), _msg(USER, "u"), _msg(ASSISTANT, "v")]}],
+     "preference", 0, "chosen", "differ only in their final message"),
+    ([{"prompt": [_msg(USER, "x")], "chosen": [_msg(ASSISTANT, "y")], "rejected": "y"}],
+     "preference", 0, "rejected", "identical"),
+    ([{"chosen": [_msg(ASSISTANT, "y")], "rejected": [_msg(ASSISTANT, "n")]}], "preference", 0, "prompt",
+     "need a prompt"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("rows,kind,row,field,message", BAD_CASES)
