@@ -4,10 +4,12 @@ Stages are modules of :mod:`jaxrlhf.stages` that define a frozen config dataclas
 (see :data:`STAGES`); a stage whose module is not part of this installation is listed but refused with a
 clear message. ``jaxrlhf generate`` hands its arguments to ``jaxrlhf.stages.generate_cmd.run_generate``.
 
-Multi-host (Cloud TPU pods, multi-node GPU): ``--distributed`` (or ``JAXRLHF_DISTRIBUTED=1``, or a set
-``JAX_COORDINATOR_ADDRESS``) calls ``jax.distributed.initialize()`` before anything touches a device. On TPU
-pods the coordinator, process count and id are detected; elsewhere they come from ``JAX_COORDINATOR_ADDRESS``
-(``host:port``), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``. See ``launch/tpu_pod.sh``.
+Multi-host (Cloud TPU pods, Slurm, SkyPilot, multi-node GPU): ``--distributed`` (or
+``JAXRLHF_DISTRIBUTED=1``, or a set ``JAX_COORDINATOR_ADDRESS``) calls ``jax.distributed.initialize`` before
+anything touches a device, with the coordinator / process count / id from ``JAX_COORDINATOR_ADDRESS``
+(``host:port``), ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` and ``JAX_LOCAL_DEVICE_IDS``, else from SkyPilot or
+torchrun-style variables, else detected by JAX (Cloud TPU VMs, Slurm, Open MPI): see
+:mod:`jaxrlhf.distributed`. Launchers for each setup are in ``launch/`` (``launch/README.md``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from jaxrlhf import distributed
 from jaxrlhf.config import ConfigError, load_config, to_dict
 
 # stage name -> (module, config class names to look for, help)
@@ -78,35 +81,21 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def wants_distributed(flag: bool, environ: dict[str, str] | None = None) -> bool:
-    env = os.environ if environ is None else environ
-    return (
-        flag
-        or env.get("JAXRLHF_DISTRIBUTED", "") in ("1", "true")
-        or bool(env.get("JAX_COORDINATOR_ADDRESS"))
-    )
+    """:func:`jaxrlhf.distributed.wants_distributed`; a bad ``JAXRLHF_DISTRIBUTED`` exits with a message."""
+    try:
+        return distributed.wants_distributed(flag, environ)
+    except distributed.DistributedEnvError as e:
+        raise SystemExit(f"jaxrlhf: {e}") from None
 
 
 def init_distributed(environ: dict[str, str] | None = None) -> None:
-    """``jax.distributed.initialize`` with the coordinator / process count / id from the environment, if set
-    (TPU pods and SLURM detect them when absent)."""
-    import jax
-
-    env = os.environ if environ is None else environ
-    kwargs: dict[str, Any] = {}
-    if env.get("JAX_COORDINATOR_ADDRESS"):
-        kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
-    if env.get("JAX_NUM_PROCESSES"):
-        kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
-    if env.get("JAX_PROCESS_ID"):
-        kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
-    jax.distributed.initialize(**kwargs)
-    logger.info(
-        "jax.distributed: process %d of %d, %d local / %d global devices",
-        jax.process_index(),
-        jax.process_count(),
-        jax.local_device_count(),
-        jax.device_count(),
-    )
+    """``jax.distributed.initialize`` with what the environment names (:mod:`jaxrlhf.distributed`: JAX_*,
+    SkyPilot or torchrun variables; none: JAX detects Cloud TPU / Slurm / Open MPI); a malformed environment
+    exits with a message naming the variable."""
+    try:
+        distributed.initialize(environ, force=True)
+    except distributed.DistributedEnvError as e:
+        raise SystemExit(f"jaxrlhf: {e}") from None
 
 
 def load_stage(name: str) -> tuple[type, Any]:
