@@ -5,6 +5,7 @@ pairs with NamedTuple state, like optax transformations.
 """
 
 from ._aggregate import LOSS_AGGREGATIONS, aggregate_loss
+from ._chunked import chunked_sft_loss, chunked_token_logprobs
 from ._dpo import DPO_LOSS_TYPES, dpo_loss
 from ._entropy import token_entropy
 from ._gae import gae
@@ -34,6 +35,8 @@ __all__ = [
     "RunningStats",
     "adaptive_kl_controller",
     "aggregate_loss",
+    "chunked_sft_loss",
+    "chunked_token_logprobs",
     "clip_rewards",
     "dpo_loss",
     "fixed_kl_controller",

@@ -1,0 +1,171 @@
+"""Chunked LM head losses equal the plain ones (values and gradients) and never build [B, T, V] f32 logits."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from jaxrlhf import losses
+from jaxrlhf.models.layers import einsum_f32_out
+from tests._jaxpr import all_eqns
+
+B, T, E, V = 2, 7, 8, 37
+
+
+def _inputs(seed=0, dtype=jnp.float32, bias=False):
+    r = np.random.default_rng(seed)
+    h = jnp.asarray(r.standard_normal((B, T, E)), dtype)
+    w = jnp.asarray(r.standard_normal((E, V)) * 0.7, dtype)
+    b = jnp.asarray(r.standard_normal((V,)) * 0.3, dtype) if bias else None
+    y = jnp.asarray(r.integers(0, V, (B, T)), jnp.int32)
+    m = jnp.asarray(r.random((B, T)) < 0.7, jnp.float32)
+    return h, w, b, y, m
+
+
+def _plain_logits(h, w, b):
+    z = einsum_f32_out("bte,ev->btv", h, w)
+    return z if b is None else z + b.astype(jnp.float32)
+
+
+def _close(a, b, tol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("smoothing,z_coef", [(0.0, 0.0), (0.1, 0.0), (0.0, 1e-3), (0.2, 1e-2)])
+@pytest.mark.parametrize("chunk", [2, 5, 64])  # 2 tokens: one position per chunk; 5: a padded last chunk
+@pytest.mark.parametrize("bias", [False, True])
+def test_sft_loss_and_grads_equal_plain_f32(smoothing, z_coef, chunk, bias):
+    h, w, b, y, m = _inputs(1, bias=bias)
+    kw = dict(label_smoothing=smoothing, z_loss=z_coef)
+
+    def ours(h, w, b):
+        return losses.chunked_sft_loss(h, w, y, m, bias=b, chunk_size=chunk, **kw)
+
+    def ref(h, w, b):
+        return losses.sft_loss(_plain_logits(h, w, b), y, m, **kw)
+
+    argnums = (0, 1, 2) if bias else (0, 1)
+    (l1, m1), g1 = jax.value_and_grad(ours, argnums, has_aux=True)(h, w, b)
+    (l2, m2), g2 = jax.value_and_grad(ref, argnums, has_aux=True)(h, w, b)
+    _close((l1, m1), (l2, m2), 1e-5)
+    _close(g1, g2, 1e-5)
+    # without differentiation (eval) the same values
+    _close(jax.jit(ours)(h, w, b), (l2, m2), 1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk", [2, 6, 64])
+def test_token_logprobs_entropy_and_grads_equal_plain_f32(temperature, chunk):
+    h, w, b, y, m = _inputs(2, bias=True)
+    r = np.random.default_rng(3)
+    a1, a2 = (jnp.asarray(r.standard_normal((B, T)), jnp.float32) for _ in range(2))
+
+    def ours(h, w, b):
+        lp, ent = losses.chunked_token_logprobs(
+            h, w, y, bias=b, temperature=temperature, chunk_size=chunk, return_entropy=True
+        )
+        return jnp.sum(a1 * lp + a2 * ent), (lp, ent)
+
+    def ref(h, w, b):
+        z = _plain_logits(h, w, b)
+        lp = losses.token_logprobs(z, y, temperature=temperature)
+        ent = losses.token_entropy(z, temperature=temperature)
+        return jnp.sum(a1 * lp + a2 * ent), (lp, ent)
+
+    (v1, o1), g1 = jax.value_and_grad(ours, (0, 1, 2), has_aux=True)(h, w, b)
+    (v2, o2), g2 = jax.value_and_grad(ref, (0, 1, 2), has_aux=True)(h, w, b)
+    _close((v1, o1), (v2, o2), 1e-5)
+    _close(g1, g2, 1e-5)
+    # log-probs alone (entropy's cotangent absent), gradient in the hidden states only
+    lp_only = jax.grad(
+        lambda h: jnp.sum(a1 * losses.chunked_token_logprobs(h, w, y, bias=b, chunk_size=chunk))
+    )
+    lp_ref = jax.grad(lambda h: jnp.sum(a1 * losses.token_logprobs(_plain_logits(h, w, b), y)))
+    _close(lp_only(h), lp_ref(h), 1e-5)
+
+
+@given(seed=st.integers(0, 10_000), chunk=st.integers(1, 20))
+def test_property_logprobs_match_for_any_chunking(seed, chunk):
+    h, w, _, y, _ = _inputs(seed)
+    ours = losses.chunked_token_logprobs(h, w, y, chunk_size=chunk)
+    _close(ours, losses.token_logprobs(_plain_logits(h, w, None), y), 1e-5)
+
+
+def test_bf16_inputs_within_bf16_tolerance():
+    h, w, _, y, m = _inputs(4, dtype=jnp.bfloat16)
+
+    def ours(h, w):
+        return losses.chunked_sft_loss(h, w, y, m, chunk_size=4)[0]
+
+    def ref(h, w):
+        return losses.sft_loss(_plain_logits(h, w, None), y, m)[0]
+
+    (l1, g1), (l2, g2) = (jax.value_and_grad(f, (0, 1))(h, w) for f in (ours, ref))
+    assert g1[0].dtype == g1[1].dtype == jnp.bfloat16
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)  # bf16 products are exact in f32: same forward
+    _close(g1, g2, 2e-2)
+    lp1 = losses.chunked_token_logprobs(h, w, y, chunk_size=4)
+    _close(lp1, losses.token_logprobs(_plain_logits(h, w, None), y), 1e-5)
+
+
+def _dots(fn, *args):
+    return [e for e in all_eqns(jax.make_jaxpr(fn)(*args).jaxpr) if e.primitive.name == "dot_general"]
+
+
+def test_frozen_kernel_costs_no_weight_gradient_matmul():
+    h, w, _, y, m = _inputs(5)
+    sft = _dots(jax.grad(lambda h: losses.chunked_sft_loss(h, w, y, m, chunk_size=4)[0]), h)
+    lp = _dots(jax.grad(lambda h: jnp.sum(losses.chunked_token_logprobs(h, w, y, chunk_size=4))), h)
+    for dots in (sft, lp):
+        shapes = [tuple(v.aval.shape) for e in dots for v in e.outvars]
+        assert (E, V) not in shapes, shapes
+    assert len(sft) == 2  # logits + dh: the SFT gradient reuses the forward's logits
+    assert len(lp) == 3  # logits, recomputed logits, dh
+    both = _dots(jax.grad(lambda h, w: losses.chunked_sft_loss(h, w, y, m, chunk_size=4)[0], (0, 1)), h, w)
+    assert (E, V) in [tuple(v.aval.shape) for e in both for v in e.outvars]
+
+
+@pytest.mark.parametrize("which", ["sft", "logprobs"])
+def test_no_full_logits_buffer_in_jaxpr_or_compiled_temps(which):
+    b, t, e, v, chunk = 4, 64, 16, 2048, 64  # 16 positions per chunk: 1/4 of the logits at a time
+    r = np.random.default_rng(6)
+    h = jnp.asarray(r.standard_normal((b, t, e)), jnp.bfloat16)
+    w = jnp.asarray(r.standard_normal((e, v)), jnp.bfloat16)
+    y = jnp.asarray(r.integers(0, v, (b, t)), jnp.int32)
+    m = jnp.ones((b, t), jnp.float32)
+    if which == "sft":
+
+        def loss(h, w):
+            return losses.chunked_sft_loss(h, w, y, m, chunk_size=chunk)[0]
+    else:
+
+        def loss(h, w):
+            return jnp.sum(losses.chunked_token_logprobs(h, w, y, chunk_size=chunk))
+
+    step = jax.value_and_grad(loss, (0, 1))
+    full = b * t * v
+    sizes = [math.prod(x.aval.shape) for eq in all_eqns(jax.make_jaxpr(step)(h, w).jaxpr) for x in eq.outvars]
+    assert max(sizes) <= full // 4, max(sizes)
+    temp = jax.jit(step).lower(h, w).compile().memory_analysis().temp_size_in_bytes
+    assert temp < full * 4, (temp, full * 4)  # less than one [B, T, V] f32 buffer
+    plain = jax.jit(
+        jax.value_and_grad(lambda h, w: losses.sft_loss(_plain_logits(h, w, None), y, m)[0], (0, 1))
+    )
+    assert plain.lower(h, w).compile().memory_analysis().temp_size_in_bytes >= full * 4  # the check can fail
+
+
+def test_bad_shapes_raise():
+    h, w, _, y, m = _inputs(7)
+    with pytest.raises(ValueError, match=r"hidden \[B, T, E\]"):
+        losses.chunked_sft_loss(h, w.T, y, m)
+    with pytest.raises(ValueError, match="targets"):
+        losses.chunked_token_logprobs(h, w, y[:, :3])
+    with pytest.raises(ValueError, match="loss_mask"):
+        losses.chunked_sft_loss(h, w, y, m[:1])
