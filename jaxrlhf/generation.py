@@ -303,6 +303,13 @@ def _decode_jit(
     return decode_loop(_make_step_fn(m, _maybe_fuse(m, params), lora), state, cfg, max_new, until)
 
 
+def _mesh_context(mesh: Mesh | None):
+    """``sharding.use_mesh(mesh)``, or a no-op context without a mesh."""
+    import contextlib
+
+    return sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
 def _maybe_fuse(m: _Model, params: Any) -> Any:
     if not m.fuse:
         return params
@@ -446,7 +453,8 @@ def generate(
         mesh, fuse_projections, kv_segments,
     )  # fmt: skip
     rng = _check_rng(rng, cfg)
-    out = _generate_jit(m, rcfg, params, ids, mask, rng, jnp.int32(cfg.max_new_tokens), lora)
+    with _mesh_context(mesh):  # the model's activation constraints apply under the mesh
+        out = _generate_jit(m, rcfg, params, ids, mask, rng, jnp.int32(cfg.max_new_tokens), lora)
     n = cfg.max_new_tokens
     if n == rcfg.max_new_tokens and rows == out.tokens.shape[0]:
         return out
@@ -489,11 +497,13 @@ def stream(
         mesh, fuse_projections, kv_segments=1,  # chunks share one donated state: one cache size
     )  # fmt: skip
     rng = _check_rng(rng, cfg)
-    state, _ = _prefill_jit(m, rcfg, params, ids, mask, rng, lora)
+    with _mesh_context(mesh):
+        state, _ = _prefill_jit(m, rcfg, params, ids, mask, rng, lora)
     max_new, done_steps = jnp.int32(cfg.max_new_tokens), 0
     while done_steps < cfg.max_new_tokens:
         until = min(done_steps + chunk, cfg.max_new_tokens)
-        state = _decode_jit(m, rcfg, params, state, max_new, jnp.int32(until), lora)
+        with _mesh_context(mesh):
+            state = _decode_jit(m, rcfg, params, state, max_new, jnp.int32(until), lora)
         step = int(state.step)
         lengths = np.asarray(state.lengths)[:rows]
         tokens = np.asarray(state.tokens)[:rows, done_steps:step]

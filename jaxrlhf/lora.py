@@ -179,12 +179,63 @@ def merge(params: dict, adapters: dict, config: LoraConfig) -> dict:
     return merged
 
 
+def check_adapters(params: dict, adapters: dict | None, *, where: str = "lora") -> None:
+    """Raise if an adapter tree does not fit ``params``: every adapted module must be a Dense layer of the
+    model (a ``kernel`` at the same path, e.g. ``layers_0/attn/q_proj``) with ``lora_a [in, r]`` and
+    ``lora_b [r, out]`` of its shape. A mis-nested tree would otherwise adapt nothing: a silent base-model
+    run. Fused decoding trees (``qkv_proj``) are not adapted and are not accepted here."""
+    if not adapters:
+        return
+    for m in modules(adapters):
+        name = "/".join(m)
+        node: Any = params
+        for k in m:
+            if not isinstance(node, dict) or k not in node:
+                raise ValueError(
+                    f"{where}: adapter path {name!r} matches no layer of the model (no {k!r} under "
+                    f"{'/'.join(m[: m.index(k)]) or 'the params root'}; adapters mirror params paths like "
+                    "'layers_0/attn/q_proj')"
+                )
+            node = node[k]
+        if not isinstance(node, dict) or "kernel" not in node or np.ndim(node["kernel"]) != 2:
+            raise ValueError(f"{where}: adapter path {name!r} is not a Dense layer of the model")
+        ad = _get(adapters, m)
+        d_in, d_out = np.shape(node["kernel"])
+        a, b = np.shape(ad["lora_a"]), np.shape(ad.get("lora_b", ()))
+        if len(a) != 2 or len(b) != 2 or a[0] != d_in or b[1] != d_out or a[1] != b[0]:
+            raise ValueError(
+                f"{where}: adapter {name!r} has lora_a {a}, lora_b {b}; the layer's kernel is "
+                f"[{d_in}, {d_out}] (expected lora_a [{d_in}, r], lora_b [r, {d_out}])"
+            )
+    for path, _ in jax.tree_util.tree_flatten_with_path(adapters)[0]:
+        leaf = getattr(path[-1], "key", None)
+        if leaf not in ("lora_a", "lora_b"):
+            raise ValueError(f"{where}: unexpected leaf {jax.tree_util.keystr(path)} (only lora_a / lora_b)")
+
+
 # ---------------------------------------------------------------------------------------------- peft
 
-from jaxrlhf._peft import load_peft, save_peft  # noqa: E402  (PEFT directory export / import)
+
+def save_peft(
+    spec: Any, adapters: dict, config: LoraConfig, out_dir: Any, *, base_model: str | None = None
+) -> str:
+    """Write a peft LoRA adapter directory that ``PeftModel.from_pretrained(hf_model, out_dir)`` loads
+    (see ``jaxrlhf/_peft.py``; GPT-2 / BLOOM q, k, v become one exact adapter on the fused module)."""
+    from jaxrlhf import _peft
+
+    return _peft.save_peft(spec, adapters, config, out_dir, base_model=base_model)
+
+
+def load_peft(spec: Any, in_dir: Any, dtype: Any = jnp.float32) -> tuple[dict, LoraConfig]:
+    """Read a peft LoRA adapter directory into ``(adapters, LoraConfig)`` (see ``jaxrlhf/_peft.py``)."""
+    from jaxrlhf import _peft
+
+    return _peft.load_peft(spec, in_dir, dtype)
+
 
 __all__ = [
     "LoraConfig",
+    "check_adapters",
     "hf_module_names",
     "init",
     "load_peft",

@@ -4,8 +4,9 @@ Every parameter carries logical axis names (``("embed", "mlp")``); activations a
 such as ``("batch", "length", "act_embed")``. This module alone maps names to mesh axes, so changing the
 parallelism layout means editing :data:`LOGICAL_RULES` and nothing else.
 
-A dimension whose size does not divide the mesh axes it maps to is replicated instead (and the fallback is
-visible through :func:`logical_to_spec`), so tiny test models and odd vocab sizes shard as far as they can.
+A dimension whose size does not divide the mesh axes it maps to is replicated instead, so tiny test models
+and odd vocab sizes shard as far as they can; :func:`report_unsharded` logs every such parameter (which one,
+which mesh axis) and can refuse them (``strict``).
 """
 
 from __future__ import annotations
@@ -126,6 +127,46 @@ def named_shardings(axes_tree: Any, mesh: Mesh, shapes_tree: Any | None = None) 
         shapes_tree,
         is_leaf=_is_axes,
     )
+
+
+def unsharded_dims(axes_tree: Any, shapes_tree: Any, mesh: Mesh) -> list[str]:
+    """``"path: dim i (size n, logical 'x') not split over mesh axis 'a' (size k)"`` for every parameter
+    dimension whose mesh axes were dropped because the size does not divide them."""
+    out = []
+    flat_axes = jax.tree_util.tree_flatten_with_path(axes_tree, is_leaf=_is_axes)[0]
+    flat_shapes = jax.tree.leaves(shapes_tree)
+    for (path, axes), x in zip(flat_axes, flat_shapes, strict=True):
+        shape = tuple(x.shape)
+        got = logical_to_spec(axes, mesh, shape)
+        want = logical_to_spec(axes, mesh)
+        for i, (g, w) in enumerate(zip(got, want, strict=False)):
+            if w is not None and g != w:
+                wanted = (w,) if isinstance(w, str) else tuple(w)
+                have = () if g is None else ((g,) if isinstance(g, str) else tuple(g))
+                lost = [a for a in wanted if a not in have]
+                out.append(
+                    f"{jax.tree_util.keystr(path)}: dim {i} (size {shape[i]}, logical {axes[i]!r}) not split "
+                    f"over mesh axis {'/'.join(lost)} (size {_axis_size(mesh, tuple(lost))})"
+                )
+    return out
+
+
+def report_unsharded(axes_tree: Any, shapes_tree: Any, mesh: Mesh, *, strict: bool = False) -> list[str]:
+    """Log (or, with ``strict``, refuse) parameters that stay replicated along a mesh axis."""
+    import logging
+
+    found = unsharded_dims(axes_tree, shapes_tree, mesh)
+    if found and strict:
+        raise ValueError(
+            f"{len(found)} parameter dimension(s) do not divide their mesh axes (train.mesh.strict=true): "
+            + "; ".join(found[:8])
+        )
+    log = logging.getLogger("jaxrlhf.sharding")
+    for line in found[:20]:
+        log.warning("replicated instead of sharded: %s", line)
+    if len(found) > 20:
+        log.warning("... and %d more replicated dimensions", len(found) - 20)
+    return found
 
 
 def shard_params(params: Any, axes_tree: Any, mesh: Mesh) -> Any:

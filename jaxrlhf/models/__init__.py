@@ -190,6 +190,10 @@ def forward(
     ``.dropout`` apply (dropout only with ``dropout_rng``). ``compute_dtype`` (e.g. bf16) casts params and
     activations at use; logits are float32. Returns ``ForwardOutput(logits, hidden, cache, None)``.
     """
+    if lora:
+        from jaxrlhf.lora import check_adapters
+
+        check_adapters(params, lora)  # a mis-nested tree would silently run the base model
     if spec.is_encoder_decoder:
         return _t5().forward(
             spec,

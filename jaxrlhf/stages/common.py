@@ -57,20 +57,25 @@ class TokenizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh ``(data, fsdp, tensor)``; one axis may be -1 (all remaining devices)."""
+    """Device mesh ``(data, fsdp, tensor)``; one axis may be -1 (all remaining devices). A parameter
+    dimension that does not divide its mesh axis is replicated and logged; ``strict`` refuses instead."""
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    strict: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    """Orbax checkpoints under ``<run dir>/checkpoints``; ``resume``: continue from the latest one."""
+    """Orbax checkpoints under ``<run dir>/checkpoints``. ``resume``: continue from the latest one (false:
+    start the run over, removing its previous outputs). ``copy_base``: under LoRA, copy the frozen base into
+    the stage checkpoint (default: record its path and content fingerprint in ``stage/base.json``)."""
 
     every: int = 100
     keep: int = 2
     resume: bool = True
+    copy_base: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +176,11 @@ def dtype_of(name: str | None) -> Any:
     return None if name is None else jnp.dtype(name)
 
 
+def is_primary() -> bool:
+    """Process 0: the one that writes logs, config copies and exports."""
+    return jax.process_index() == 0
+
+
 def write_json(path: str, obj: Any) -> None:
     """Write JSON atomically (process 0 only)."""
     if jax.process_index() != 0:
@@ -220,108 +230,3 @@ def data_config(cfg: Any, out_dir: str) -> Any:
     cache = cfg.cache_dir or os.path.join(out_dir, "cache")
     os.makedirs(cache, exist_ok=True)
     return dataclasses.replace(cfg, path=resolve_path(cfg.path), cache_dir=cache)
-
-
-def make_eval_fn(eval_step, eval_ds, batch_size: int, max_batches: int | None, mesh):
-    """``eval_fn(state) -> {loss, ppl, ...}`` over (the first ``max_batches`` batches of) the eval split."""
-    import itertools
-
-    from jaxrlhf import data, sharding, train
-
-    n = len(eval_ds.data)
-    bs = min(batch_size, n)
-    if bs == 0:
-        raise ValueError("the eval split is empty")
-
-    def eval_fn(state):
-        loader = data.Loader(eval_ds, bs, shuffle=False, num_epochs=1)
-        batches = (data.to_global(b, mesh) for b in loader)
-        if max_batches is not None:
-            batches = itertools.islice(batches, max_batches)
-        with sharding.use_mesh(mesh):
-            return train.evaluate(eval_step, state, batches)
-
-    return eval_fn
-
-
-def save_outputs(
-    out_dir: str,
-    stage: str,
-    spec,
-    base,
-    adapters,
-    lora_config,
-    tokenizer,
-    export: ExportConfig,
-    base_model: str | None,
-    info: dict,
-    extras: dict | None = None,
-    json_extras: dict | None = None,
-) -> str:
-    """Write the stage checkpoint (``stage/``) and the exports (``export/hf``, ``export/peft``)."""
-    import tempfile
-
-    from jaxrlhf import lora, models, train
-
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tok-") as tok_dir:
-        tokenizer.save_pretrained(tok_dir)
-        stage_dir = train.save_stage(
-            os.path.join(out_dir, "stage"),
-            spec,
-            base,
-            lora=adapters,
-            lora_config=lora_config,
-            tokenizer_dir=tok_dir,
-            stage_info={"stage": stage, **info},
-            extras=extras,
-            json_extras=json_extras,
-        )
-    logger.info("stage checkpoint: %s", stage_dir)
-    if jax.process_index() != 0:
-        return stage_dir
-    if export.hf:
-        hf_dir = os.path.join(out_dir, "export", "hf")
-        merged = base if adapters is None else lora.merge(base, adapters, lora_config)
-        models.save_pretrained(spec, merged, hf_dir)
-        tokenizer.save_pretrained(hf_dir)
-        logger.info("HF export: %s", hf_dir)
-    if export.peft and adapters is not None:
-        peft_dir = os.path.join(out_dir, "export", "peft")
-        lora.save_peft(spec, adapters, lora_config, peft_dir, base_model=base_model)
-        tokenizer.save_pretrained(peft_dir)
-        logger.info("PEFT export: %s", peft_dir)
-    return stage_dir
-
-
-def prepare_training(loss_fn, opt, optim, shard, mesh, ds, dcfg, ckpt_cfg, out: str, state):
-    """The part every training stage shares: the jitted step, the loader, and a CheckpointManager that
-    resumes the state and loader position from the newest complete checkpoint under ``out/checkpoints``.
-
-    Returns ``(step_fn, loader, manager, state)``.
-    """
-    from jaxrlhf import data
-    from jaxrlhf import train as train_lib
-
-    step_fn = train_lib.jit_train_step(
-        train_lib.make_train_step(
-            loss_fn, opt, grad_accum=optim.grad_accum, schedule=train_lib.make_schedule(optim)
-        ),
-        shard,
-        mesh=mesh,
-        grad_accum=optim.grad_accum,
-    )
-    loader = data.Loader(
-        ds, dcfg.batch_size, seed=dcfg.seed, shuffle=dcfg.shuffle, shuffle_buffer=dcfg.shuffle_buffer
-    )
-    ckpt_dir = os.path.join(out, "checkpoints")
-    if not ckpt_cfg.resume and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-        raise FileExistsError(
-            f"{ckpt_dir} holds checkpoints and checkpoint.resume is false: "
-            "set checkpoint.resume=true or choose another output_dir"
-        )
-    mgr = train_lib.CheckpointManager(ckpt_dir, save_interval_steps=ckpt_cfg.every, max_to_keep=ckpt_cfg.keep)
-    state, loader_state = mgr.restore_latest(state, shard)
-    if loader_state:
-        loader.restore(loader_state)
-        logger.info("resumed from %s at step %d", ckpt_dir, int(jax.device_get(state.step)))
-    return step_fn, loader, mgr, state

@@ -35,9 +35,8 @@ import numpy as np
 from jaxrlhf import data, losses, models, reward_model, sharding
 from jaxrlhf import lora as lora_lib
 from jaxrlhf import train as train_lib
-from jaxrlhf.config import dump_yaml, to_dict
 from jaxrlhf.models import heads
-from jaxrlhf.stages import common
+from jaxrlhf.stages import common, runner
 from jaxrlhf.stages.common import CheckpointConfig, MeshConfig, ModelConfig, TokenizerConfig
 
 logger = logging.getLogger("jaxrlhf.rm")
@@ -152,19 +151,25 @@ def _eval_batches(ds, batch_size: int, max_batches: int | None):
         yield data.collate(examples, ds), real, list(rows["index"])
 
 
-def evaluate_rewards(score_fn, trainable, frozen, ds, batch_size: int, max_batches, mesh, *, center_coef=0.0):
-    """Score every eval pair once; exact metrics over the whole split and the per-pair rewards."""
+def evaluate_rewards(
+    score_fn, trainable, frozen, ds, batch_size: int, max_batches, mesh, *, center_coef=0.0, use_margin=True
+):
+    """Score every eval pair once; exact metrics over the whole split and the per-pair rewards. Every
+    process holds each eval batch whole; the scores are gathered back on every process."""
     r_c, r_r, margins, index = [], [], [], []
     with sharding.use_mesh(mesh):
         for batch, real, idx in _eval_batches(ds, batch_size, max_batches):
-            c, r = jax.device_get(score_fn(trainable, frozen, data.to_global(batch, mesh)))
+            c, r = runner.host_array(score_fn(trainable, frozen, runner.global_from_full(batch, mesh)))
             r_c.append(np.asarray(c[:real]))
             r_r.append(np.asarray(r[:real]))
             margins.append(batch["margin"][:real])
             index.extend(int(i) for i in idx)
     r_c, r_r, margins = (np.concatenate(x) for x in (r_c, r_r, margins))
     loss, m = losses.reward_loss(
-        jnp.asarray(r_c), jnp.asarray(r_r), margin=jnp.asarray(margins), center_coef=center_coef
+        jnp.asarray(r_c),
+        jnp.asarray(r_r),
+        margin=jnp.asarray(margins) if use_margin else None,
+        center_coef=center_coef,
     )
     metrics = {"loss": float(loss), **{k: float(v) for k, v in m.items() if k != "bt_loss"}}
     return metrics, {"index": index, "r_chosen": r_c, "r_rejected": r_r}
@@ -177,69 +182,24 @@ def _trainable_axes(spec, adapters, lcfg):
     return {"params": axes, "head": heads.head_axes()}, None
 
 
-class _Batches:
-    """Loader -> global batches (``[k, B/k, ...]`` micro-batches under gradient accumulation)."""
-
-    def __init__(self, loader: data.Loader, mesh, grad_accum: int):
-        self.loader, self.mesh, self.k = loader, mesh, grad_accum
-
-    def state(self) -> dict:
-        return self.loader.state()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = next(self.loader)
-        if self.k == 1:
-            return data.to_global(batch, self.mesh)
-        batch = {n: np.reshape(x, (self.k, -1) + x.shape[1:]) for n, x in batch.items()}
-        sh = train_lib.batch_shardings(batch, self.mesh, self.k)
-        return jax.tree.map(jax.device_put, batch, sh)
-
-
 def run(config: RMConfig) -> RMResult:
     """Train and evaluate the reward model; resumes from ``checkpoints/`` when present."""
-    out = common.run_dir(config.name, config.output_dir)
-    if jax.process_index() == 0:
-        dump_yaml(config, os.path.join(out, "config.yaml"))
-    mesh = common.make_mesh(config.train.mesh)
-    model_path = common.resolve_path(config.model.path)
-    tokenizer = common.load_tokenizer(config.tokenizer, model_path, out)
-    rng = jax.random.PRNGKey(config.train.seed)
-    spec, params = common.load_model(config.model, model_path, tokenizer, mesh, rng)
+    r = runner.start(config, "rm")
+    spec, lcfg = r.spec, config.lora
     dtype = common.dtype_of(config.model.dtype)
-    logger.info("reward model on %s (%.2fM params)", spec.model_type, models.count_params(spec) / 1e6)
-
-    dcfg = common.data_config(config.data, out)
-    ds = data.build_dataset(dcfg, tokenizer, kind="preference")
+    dcfg = common.data_config(config.data, r.out)
+    ds = runner.build_dataset(r, dcfg, "preference")
     if ds.eval is None:
         logger.warning("no eval split (set data.eval_fraction or data.eval_split): stats from train pairs")
     stats_ds = ds.eval if ds.eval is not None else ds
-
-    lcfg, optim = config.lora, config.optim
-    head = heads.init_head(spec, jax.random.fold_in(rng, 4), dtype=dtype)
-    opt = train_lib.make_optimizer(optim)
+    head = heads.init_head(spec, r.fold(4), dtype=dtype)
     if lcfg is not None:
-        adapters = lora_lib.init(spec, params, lcfg, jax.random.fold_in(rng, 1), dtype=dtype)
-        trainable, frozen = {"lora": adapters, "head": head}, params
+        adapters = lora_lib.init(spec, r.params, lcfg, r.fold(1), dtype=dtype)
+        trainable, frozen = {"lora": adapters, "head": head}, r.params
     else:
-        adapters, trainable, frozen = None, {"params": params, "head": head}, None
-    t_axes, f_axes = _trainable_axes(spec, adapters, lcfg)
-    state, shard = train_lib.init_train_state(
-        trainable,
-        opt,
-        jax.random.fold_in(rng, 2),
-        frozen=frozen,
-        mesh=mesh,
-        params_axes=t_axes,
-        frozen_axes=f_axes,
-    )
-    del params, trainable, frozen
-    loss_fn = make_loss_fn(spec, config)
-    step_fn, loader, mgr, state = common.prepare_training(
-        loss_fn, opt, optim, shard, mesh, ds, dcfg, config.checkpoint, out, state
-    )
+        adapters, trainable, frozen = None, {"params": r.params, "head": head}, None
+    r.params = None
+    t_axes, _ = _trainable_axes(spec, adapters, lcfg)
 
     @jax.jit
     def score_fn(trainable, frozen, batch):
@@ -247,61 +207,29 @@ def run(config: RMConfig) -> RMResult:
         kw = _forward_kwargs(spec, config.model, lcfg, None)
         return reward_model.score_pairs(spec, base, head_, batch, lora=adapters_, **kw)
 
-    eval_bs = dcfg.batch_size
-
-    def run_eval(st, split=stats_ds, max_batches=config.train.eval_batches):
+    def run_eval(st, frozen_, split, max_batches):
+        t = config.train
         return evaluate_rewards(
-            score_fn,
-            st.params,
-            st.frozen,
-            split,
-            eval_bs,
-            max_batches,
-            mesh,
-            center_coef=config.train.center_coef,
-        )
+            score_fn, st.params, frozen_, split, dcfg.batch_size, max_batches, r.mesh,
+            center_coef=t.center_coef, use_margin=t.use_margin,
+        )  # fmt: skip
 
-    eval_fn = (lambda st: run_eval(st, ds.eval)[0]) if ds.eval is not None else None
-    writer = (
-        train_lib.MetricsWriter(out, tensorboard=config.train.tensorboard)
-        if jax.process_index() == 0
-        else None
-    )
-    first_eval = {}
-    if eval_fn is not None and int(jax.device_get(state.step)) == 0:
-        first_eval = eval_fn(state)
-        if writer is not None:
-            writer.write(0, {f"eval/{k}": v for k, v in first_eval.items()})
-        logger.info("eval at step 0: %s", first_eval)
-    flops = train_lib.flops_per_token(
-        models.count_params(spec), spec.num_layers, dcfg.max_length, spec.hidden_size
-    )
-    result = train_lib.train_loop(
-        state,
-        step_fn,
-        _Batches(loader, mesh, optim.grad_accum),
-        total_steps=optim.total_steps,
-        eval_fn=eval_fn,
-        eval_every=config.train.eval_every,
-        ckpt_manager=mgr,
-        writer=writer,
-        log_every=config.train.log_every,
-        flops_per_token=flops,
+    eval_fn = None
+    if ds.eval is not None:
+        eval_fn = lambda st, fr: run_eval(st, fr, ds.eval, config.train.eval_batches)[0]  # noqa: E731
+    job = runner.Training(
+        make_loss_fn(spec, config), trainable, t_axes, frozen=frozen, eval_fn=eval_fn,
         tokens_fn=lambda b: 2 * int(np.prod(np.shape(b["chosen_input_ids"]))),
-        peak_flops=train_lib.peak_flops(jax.devices()[0].device_kind),
-        progress=config.train.progress,
-    )
-    mgr.close()
-    state = result.state
-    step = int(jax.device_get(state.step))
-    if result.interrupted:
-        logger.warning("interrupted at step %d: checkpoint saved, rerun the same command to resume", step)
-        if writer is not None:
-            writer.close()
-        return RMResult(out, "", result.last_metrics, result.eval_metrics, first_eval, {})
+    )  # fmt: skip
+    del trainable
+    out = runner.train(r, job, ds)
+    state, step = out.state, int(jax.device_get(out.state.step))
+    if out.interrupted:
+        runner.finish(out, step)
+        return RMResult(r.out, "", out.train_metrics, out.eval_metrics, out.first_eval, {})
 
     # reward statistics over the eval split (train split if none), for PPO's reward normalisation
-    stats_metrics, rewards = run_eval(state, stats_ds, None)
+    stats_metrics, rewards = run_eval(state, frozen, stats_ds, None)
     both = np.concatenate([rewards["r_chosen"], rewards["r_rejected"]])
     stats = {
         "mean": float(both.mean()),
@@ -311,36 +239,30 @@ def run(config: RMConfig) -> RMResult:
         "accuracy": stats_metrics["accuracy"],
         "margin": stats_metrics["margin"],
     }
-    if jax.process_index() == 0:
-        with open(os.path.join(out, "eval_rewards.jsonl"), "w") as f:
-            for i, c, r in zip(rewards["index"], rewards["r_chosen"], rewards["r_rejected"], strict=True):
-                f.write(json.dumps({"index": i, "r_chosen": float(c), "r_rejected": float(r)}) + "\n")
-    base, adapters, head = _split(state.params, state.frozen, lcfg)
-    head = jax.device_get(head)
-    stage_dir = common.save_outputs(
-        out,
-        "rm",
-        spec,
-        base,
-        adapters,
-        lcfg,
-        tokenizer,
-        common.ExportConfig(hf=False, peft=False),
-        model_path,
-        info={"step": step, "eval": result.eval_metrics, "config": to_dict(config)},
+    if common.is_primary():
+        with open(os.path.join(r.out, "eval_rewards.jsonl"), "w") as f:
+            for i, c, rr in zip(rewards["index"], rewards["r_chosen"], rewards["r_rejected"], strict=True):
+                f.write(json.dumps({"index": i, "r_chosen": float(c), "r_rejected": float(rr)}) + "\n")
+    base, adapters, head = _split(state.params, frozen, lcfg)
+    stage_dir = runner.save(
+        r,
+        base=base,
+        adapters=adapters,
+        lora_config=lcfg,
+        info={"step": step, "eval": out.eval_metrics},
         extras={"reward_head": head},
         json_extras={"reward_stats": stats},
     )
-    if config.export.hf and jax.process_index() == 0:
-        _export(spec, base, adapters, lcfg, head, tokenizer, os.path.join(out, "export", "hf"))
-    if writer is not None:
-        writer.write(step, {f"reward_stats/{k}": v for k, v in stats.items() if k != "split"})
-        writer.close()
-    logger.info("train: %s; eval: %s; reward stats: %s", result.last_metrics, result.eval_metrics, stats)
-    return RMResult(out, stage_dir, result.last_metrics, result.eval_metrics, first_eval, stats)
+    if config.export.hf:
+        merged = runner.host_array(base if adapters is None else lora_lib.merge(base, adapters, lcfg))
+        if common.is_primary():
+            _export(spec, merged, runner.host_array(head), r.tokenizer, os.path.join(r.out, "export", "hf"))
+    runner.finish(out, step, {f"reward_stats/{k}": v for k, v in stats.items() if k != "split"})
+    logger.info("reward stats: %s", stats)
+    return RMResult(r.out, stage_dir, out.train_metrics, out.eval_metrics, out.first_eval, stats)
 
 
-def _export(spec, base, adapters, lcfg, head, tokenizer, hf_dir: str) -> None:
+def _export(spec, merged, head, tokenizer, hf_dir: str) -> None:
     """HF ``*ForSequenceClassification`` + tokenizer. HF pools at the last token that is not ``pad_token_id``;
     when the tokenizer pads with EOS (which ends every scored sequence) the export pads with UNK instead, so
     HF scores the same EOS token that jaxrlhf does."""
@@ -357,7 +279,6 @@ def _export(spec, base, adapters, lcfg, head, tokenizer, hf_dir: str) -> None:
             logger.warning(
                 "the tokenizer pads with EOS: HF's exported classifier will pool before a final EOS token"
             )
-    merged = base if adapters is None else lora_lib.merge(base, adapters, lcfg)
     reward_model.export_hf(spec, merged, head, hf_dir, pad_token_id=pad)
     tokenizer.save_pretrained(hf_dir)
     logger.info("HF export: %s", hf_dir)

@@ -102,6 +102,11 @@ def write_samples(
             width = max(map(len, enc))
             prompt_ids = np.asarray([[tokenizer.pad_token_id] * (width - len(e)) + e for e in enc], np.int32)
             prompt_mask = np.asarray([[0] * (width - len(e)) + [1] * len(e) for e in enc], np.int32)
+        if jax.process_count() > 1:  # every process holds the whole batch: make it one global array
+            from jaxrlhf.stages.runner import global_from_full
+
+            g = global_from_full({"ids": prompt_ids, "mask": prompt_mask}, mesh)
+            prompt_ids, prompt_mask = g["ids"], g["mask"]
         res = generation.generate(
             spec,
             params,
@@ -114,7 +119,9 @@ def write_samples(
             compute_dtype=compute_dtype,
             mesh=mesh,
         )
-        tokens, mask = np.asarray(jax.device_get(res.tokens)), np.asarray(jax.device_get(res.mask))
+        from jaxrlhf.stages.runner import host_array
+
+        tokens, mask = host_array((res.tokens, res.mask))
         per_prompt = tokens.shape[0] // len(batch["index"])
         for r in range(tokens.shape[0]):
             src = ds.raw[int(batch["index"][r // per_prompt])]

@@ -20,18 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any, NamedTuple
 
 import jax
-from jax.sharding import NamedSharding
 
-from jaxrlhf import data, losses, models, sharding
+from jaxrlhf import data, losses, models
 from jaxrlhf import lora as lora_lib
 from jaxrlhf import train as train_lib
-from jaxrlhf.config import dump_yaml, to_dict
 from jaxrlhf.generation import SamplingConfig
-from jaxrlhf.stages import common
+from jaxrlhf.stages import common, runner
 from jaxrlhf.stages.common import CheckpointConfig, ExportConfig, MeshConfig, ModelConfig, TokenizerConfig
 from jaxrlhf.stages.samples import SampleConfig, write_samples
 
@@ -129,154 +126,41 @@ def make_loss_fn(spec: models.ModelSpec, cfg: SFTConfig, lora_config: lora_lib.L
     return loss_fn
 
 
-class _Batches:
-    """Loader -> global arrays (``[k, B/k, ...]`` micro-batches when ``grad_accum = k > 1``); ``state()``
-    for the checkpoint. Each process passes its own rows (``jax.make_array_from_process_local_data``)."""
-
-    def __init__(self, loader: data.Loader, mesh, grad_accum: int):
-        self.loader, self.mesh, self.k = loader, mesh, grad_accum
-
-    def state(self) -> dict:
-        return self.loader.state()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = next(self.loader)
-        if self.k == 1:
-            return data.to_global(batch, self.mesh)
-        out = {}
-        for name, x in batch.items():
-            if x.shape[0] % self.k:
-                raise ValueError(f"per-host batch {x.shape[0]} is not divisible by optim.grad_accum={self.k}")
-            x = x.reshape((self.k, x.shape[0] // self.k) + x.shape[1:])
-            spec = sharding.logical_to_spec((None, "batch") + (None,) * (x.ndim - 2), self.mesh)
-            out[name] = jax.make_array_from_process_local_data(NamedSharding(self.mesh, spec), x)
-        return out
-
-
 def run(config: SFTConfig) -> SFTResult:
     """Run the SFT stage end to end (see the module docstring); resumes from ``checkpoints/`` if present."""
-    out = common.run_dir(config.name, config.output_dir)
-    if jax.process_index() == 0:
-        dump_yaml(config, os.path.join(out, "config.yaml"))
-    mesh = common.make_mesh(config.train.mesh)
-    model_path = common.resolve_path(config.model.path)
-    tokenizer = common.load_tokenizer(config.tokenizer, model_path, out)
-    rng = jax.random.PRNGKey(config.train.seed)
-    spec, params = common.load_model(config.model, model_path, tokenizer, mesh, rng)
-    n_params = models.count_params(spec)
-    logger.info("model %s: %.2fM params on mesh %s", spec.model_type, n_params / 1e6, dict(mesh.shape))
-
-    dcfg = common.data_config(config.data, out)
-    kind = "seq2seq" if spec.is_encoder_decoder else "sft"
-    ds = data.build_dataset(dcfg, tokenizer, kind=kind)
+    r = runner.start(config, "sft")
+    spec, lcfg = r.spec, config.lora
+    dcfg = common.data_config(config.data, r.out)
+    ds = runner.build_dataset(r, dcfg, "seq2seq" if spec.is_encoder_decoder else "sft")
     if ds.eval is None:
         logger.warning("no eval split (set data.eval_fraction or data.eval_split): no eval metrics")
-
-    lcfg = config.lora
-    optim = config.optim
-    opt = train_lib.make_optimizer(optim)
     axes = models.param_axes(spec)
     if lcfg is not None:
-        adapters = lora_lib.init(
-            spec, params, lcfg, jax.random.fold_in(rng, 1), dtype=common.dtype_of(config.model.dtype)
-        )
-        state, shard = train_lib.init_train_state(
-            adapters,
-            opt,
-            jax.random.fold_in(rng, 2),
-            frozen=params,
-            mesh=mesh,
-            params_axes=lora_lib.param_axes(axes, adapters),
-            frozen_axes=axes,
+        dtype = common.dtype_of(config.model.dtype)
+        adapters = lora_lib.init(spec, r.params, lcfg, r.fold(1), dtype=dtype)
+        job = runner.Training(
+            make_loss_fn(spec, config, lcfg), adapters, lora_lib.param_axes(axes, adapters), frozen=r.params
         )
     else:
-        state, shard = train_lib.init_train_state(
-            params, opt, jax.random.fold_in(rng, 2), mesh=mesh, params_axes=axes
-        )
-    del params
-    loss_fn = make_loss_fn(spec, config, lcfg)
-    step_fn, loader, mgr, state = common.prepare_training(
-        loss_fn, opt, optim, shard, mesh, ds, dcfg, config.checkpoint, out, state
-    )
-
-    eval_fn = None
-    if ds.eval is not None:
-        eval_step = train_lib.make_eval_step(loss_fn)
-        eval_fn = common.make_eval_fn(eval_step, ds.eval, dcfg.batch_size, config.train.eval_batches, mesh)
-    writer = (
-        train_lib.MetricsWriter(out, tensorboard=config.train.tensorboard)
-        if jax.process_index() == 0
-        else None
-    )
-    first_eval = {}
-    if eval_fn is not None and int(jax.device_get(state.step)) == 0:
-        first_eval = eval_fn(state)
-        if writer is not None:
-            writer.write(0, {f"eval/{k}": v for k, v in first_eval.items()})
-        logger.info("eval at step 0: %s", first_eval)
-    seq = dcfg.max_length
-    flops = train_lib.flops_per_token(n_params, spec.num_layers, seq, spec.hidden_size)
-    result = train_lib.train_loop(
-        state,
-        step_fn,
-        _Batches(loader, mesh, optim.grad_accum),
-        total_steps=optim.total_steps,
-        eval_fn=eval_fn,
-        eval_every=config.train.eval_every,
-        ckpt_manager=mgr,
-        writer=writer,
-        log_every=config.train.log_every,
-        flops_per_token=flops,
-        peak_flops=train_lib.peak_flops(jax.devices()[0].device_kind),
-        progress=config.train.progress,
-    )
-    mgr.close()
-    state = result.state
-    logger.info("train: %s; eval: %s", result.last_metrics, result.eval_metrics)
-    if result.interrupted:
-        logger.warning(
-            "interrupted at step %d: checkpoint saved, rerun the same command to resume",
-            int(jax.device_get(state.step)),
-        )
-        if writer is not None:
-            writer.close()
-        return SFTResult(out, "", result.last_metrics, result.eval_metrics, first_eval, {})
-
-    base, adapters = (state.frozen, state.params) if lcfg is not None else (state.params, None)
-    stage_dir = common.save_outputs(
-        out,
-        "sft",
-        spec,
-        base,
-        adapters,
-        lcfg,
-        tokenizer,
-        config.export,
-        model_path,
-        info={
-            "step": int(jax.device_get(state.step)),
-            "eval": result.eval_metrics,
-            "config": to_dict(config),
-        },
+        job = runner.Training(make_loss_fn(spec, config, None), r.params, axes)
+    r.params = None  # full fine-tuning: the train state owns (and donates) the weights now
+    out = runner.train(r, job, ds)
+    step = int(jax.device_get(out.state.step))
+    if out.interrupted:
+        runner.finish(out, step)
+        return SFTResult(r.out, "", out.train_metrics, out.eval_metrics, out.first_eval, {})
+    base, adapters = (job.frozen, out.state.params) if lcfg is not None else (out.state.params, None)
+    stage_dir = runner.save(
+        r,
+        base=base,
+        adapters=adapters,
+        lora_config=lcfg,
+        info={"step": step, "eval": out.eval_metrics},
+        export=config.export,
     )
     summary = write_samples(
-        config.samples,
-        out,
-        spec,
-        base,
-        adapters,
-        lcfg,
-        tokenizer,
-        dcfg,
-        mesh,
-        jax.random.fold_in(rng, 3),
+        config.samples, r.out, spec, base, adapters, lcfg, r.tokenizer, dcfg, r.mesh, r.fold(3),
         compute_dtype=common.dtype_of(config.model.compute_dtype),
-    )
-    if writer is not None:
-        if summary:
-            writer.write(int(jax.device_get(state.step)), {f"samples/{k}": v for k, v in summary.items()})
-        writer.close()
-    return SFTResult(out, stage_dir, result.last_metrics, result.eval_metrics, first_eval, summary)
+    )  # fmt: skip
+    runner.finish(out, step, {f"samples/{k}": v for k, v in summary.items()})
+    return SFTResult(r.out, stage_dir, out.train_metrics, out.eval_metrics, out.first_eval, summary)

@@ -20,10 +20,19 @@ Typical wiring (a stage does this in a page)::
     train.save_stage(out_dir / "final", spec, state.params, ...)
 
 ``loss_fn(params, frozen, batch, rng) -> (loss, metrics)``; under LoRA ``params`` are the adapters and
-``frozen`` the base model.
+``frozen`` the base model, passed to the jitted step as ``step(state, batch, frozen)`` (not donated, not
+in the state, not in train checkpoints). The stages wire all of this through :mod:`jaxrlhf.stages.runner`.
 """
 
-from jaxrlhf.train.checkpoint import CheckpointManager, StageCheckpoint, load_stage, save_stage
+from jaxrlhf.train.checkpoint import (
+    CheckpointManager,
+    CheckpointMismatchError,
+    StageCheckpoint,
+    load_base,
+    load_stage,
+    save_stage,
+    weights_fingerprint,
+)
 from jaxrlhf.train.loop import LoopResult, default_tokens, evaluate, train_loop
 from jaxrlhf.train.metrics import MetricsWriter, flops_per_token, peak_flops, read_jsonl
 from jaxrlhf.train.optim import OptimConfig, decay_mask, make_optimizer, make_schedule
@@ -38,17 +47,20 @@ from jaxrlhf.train.step import batch_shardings, cast_floating, jit_train_step, m
 
 __all__ = [
     "CheckpointManager",
+    "CheckpointMismatchError",
     "LoopResult",
     "MetricsWriter",
     "StageCheckpoint",
     "default_tokens",
     "evaluate",
     "flops_per_token",
+    "load_base",
     "load_stage",
     "peak_flops",
     "read_jsonl",
     "save_stage",
     "train_loop",
+    "weights_fingerprint",
     "OptimConfig",
     "TrainState",
     "abstract_state",

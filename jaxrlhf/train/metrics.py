@@ -48,13 +48,23 @@ class MetricsWriter:
     """Append ``{"step": s, **metrics}`` lines to ``<dir>/metrics.jsonl``; mirror scalars to TensorBoard.
 
     TensorBoard goes through ``tensorboard.summary.Writer`` (no TensorFlow needed) and is skipped silently
-    when tensorboard is not installed or ``tensorboard=False``.
+    when tensorboard is not installed or ``tensorboard=False``. ``keep_until``: a resumed run's step; records
+    of later steps (written before the interruption and about to be replayed) are dropped from the file
+    first, so every step appears once.
     """
 
-    def __init__(self, log_dir: str | os.PathLike, *, tensorboard: bool = True):
+    def __init__(
+        self, log_dir: str | os.PathLike, *, tensorboard: bool = True, keep_until: int | None = None
+    ):
         self.log_dir = os.fspath(log_dir)
         os.makedirs(self.log_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(self.log_dir, "metrics.jsonl"), "a")
+        path = os.path.join(self.log_dir, "metrics.jsonl")
+        if keep_until is not None and os.path.isfile(path):
+            kept = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= keep_until]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(path + ".tmp", path)
+        self._jsonl = open(path, "a")
         self._tb = None
         if tensorboard:
             try:

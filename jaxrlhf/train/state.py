@@ -1,12 +1,17 @@
 """The train state and its shardings.
 
-``TrainState(step, params, frozen, opt_state, rng)``:
+``TrainState(step, params, opt_state, rng)``:
 
 - ``params``: the *trainable* tree (the whole model for full fine-tuning; the LoRA adapters when training
   adapters), the only tree the optimizer sees;
-- ``frozen``: what is not trained (the base model under LoRA, a reference model, ...) or ``None``;
 - ``opt_state``: ``optimizer.init(params)``; ``step``: int32 scalar; ``rng``: raw uint32 key ``[2]``
   (``jax.random.PRNGKey`` layout, so checkpoints hold plain integers).
+
+What is not trained (the frozen base under LoRA, a reference model, a reward model) is *not* part of the
+state: it is a separate argument of the jitted step (``step(state, batch, frozen)``) that is not donated, so
+the sampler, the reference and the reward model can share it, and train checkpoints do not copy it.
+RL stages keep their own NamedTuple states (policy + critic + optimizer states, KL controller, ...); the
+checkpoint manager saves any NamedTuple / pytree state.
 
 Shardings come from logical axes (``models.param_axes(spec)``, ``lora.param_axes(...)``) through
 :mod:`jaxrlhf.sharding`; optimizer moments take the sharding of the parameter they mirror (matched by their
@@ -28,7 +33,6 @@ from jaxrlhf import sharding
 class TrainState(NamedTuple):
     step: jax.Array  # int32 []
     params: Any  # trainable pytree
-    frozen: Any  # non-trainable pytree or None
     opt_state: Any
     rng: jax.Array  # uint32 [2]
 
@@ -72,17 +76,12 @@ def opt_state_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh:
     return jax.tree_util.tree_map_with_path(pick, opt_state)
 
 
-def state_shardings(state: TrainState, mesh: Mesh, params_axes: Any, frozen_axes: Any = None) -> TrainState:
+def state_shardings(state: TrainState, mesh: Mesh, params_axes: Any) -> TrainState:
     """TrainState of NamedShardings for ``state`` (arrays or ShapeDtypeStructs) on ``mesh``."""
     rep = sharding.replicated(mesh)
     p_sh = sharding.named_shardings(params_axes, mesh, state.params)
-    f_sh = None
-    if state.frozen is not None:
-        if frozen_axes is None:
-            raise ValueError("state.frozen is set: pass frozen_axes (e.g. models.param_axes(spec))")
-        f_sh = sharding.named_shardings(frozen_axes, mesh, state.frozen)
     o_sh = opt_state_shardings(state.opt_state, state.params, p_sh, mesh)
-    return TrainState(step=rep, params=p_sh, frozen=f_sh, opt_state=o_sh, rng=rep)
+    return TrainState(step=rep, params=p_sh, opt_state=o_sh, rng=rep)
 
 
 def init_train_state(
@@ -90,43 +89,39 @@ def init_train_state(
     optimizer: optax.GradientTransformation,
     rng: jax.Array | int,
     *,
-    frozen: Any = None,
     mesh: Mesh | None = None,
     params_axes: Any = None,
-    frozen_axes: Any = None,
 ) -> tuple[TrainState, TrainState | None]:
     """Build ``(state, shardings)``. With ``mesh`` the state is placed by its logical axes (the optimizer
     state is created directly sharded); without, ``shardings`` is None and arrays stay where they are.
 
-    The state may share buffers with ``params`` / ``frozen``; a jitted step donates its state, so after
-    the first step those input arrays are invalid (pass copies if you still need them).
+    The state may share buffers with ``params``; a jitted step donates its state, so after the first step
+    those input arrays are invalid (pass copies if you still need them).
     """
     key = _raw_key(rng)
     if mesh is None:
-        state = TrainState(jnp.zeros((), jnp.int32), params, frozen, optimizer.init(params), key)
+        state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), key)
         return state, None
     if params_axes is None:
         raise ValueError("init_train_state(mesh=...) needs params_axes")
     abstract = jax.eval_shape(
-        lambda p, f: TrainState(jnp.zeros((), jnp.int32), p, f, optimizer.init(p), key), params, frozen
+        lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p), key), params
     )
-    shard = state_shardings(abstract, mesh, params_axes, frozen_axes)
+    shard = state_shardings(abstract, mesh, params_axes)
     params = jax.device_put(params, shard.params)
-    if frozen is not None:
-        frozen = jax.device_put(frozen, shard.frozen)
     opt_state = jax.jit(optimizer.init, out_shardings=shard.opt_state)(params)
     state = TrainState(
         jax.device_put(jnp.zeros((), jnp.int32), shard.step),
         params,
-        frozen,
         opt_state,
         jax.device_put(key, shard.rng),
     )
     return state, shard
 
 
-def abstract_state(state: TrainState, shardings: TrainState | None = None) -> TrainState:
-    """ShapeDtypeStructs of ``state`` (with ``shardings`` attached when given): a restore target."""
+def abstract_state(state: Any, shardings: Any = None) -> Any:
+    """ShapeDtypeStructs of ``state`` (any pytree; with ``shardings`` attached when given): a restore
+    target."""
     if shardings is None:
         return jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state

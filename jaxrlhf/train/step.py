@@ -14,8 +14,12 @@ Usage::
 
     step = make_train_step(loss_fn, make_optimizer(cfg), grad_accum=cfg.grad_accum,
                            schedule=make_schedule(cfg), param_compute_dtype=jnp.bfloat16)
-    step = jit_train_step(step, shardings, mesh=mesh)          # donated state, explicit shardings
-    state, metrics = step(state, batch)   # metrics: loss, grad_norm, lr, + loss_fn's metrics
+    step = jit_train_step(step, shardings, mesh=mesh, frozen_shardings=base_shardings)
+    state, metrics = step(state, batch, frozen)   # metrics: loss, grad_norm, lr, + loss_fn's metrics
+
+``frozen`` (the base model under LoRA, a reference model, ... or None) is an argument of the step, not part
+of the state: the state is donated, ``frozen`` is not, so other computations (the sampler, a reference
+forward, a reward model) can keep using the same arrays after the step.
 
 ``param_compute_dtype`` casts the trainable params once per step (before the micro-batch scan) so a bf16
 forward works on f32 master weights; the gradient flows back through the cast in f32.
@@ -62,13 +66,13 @@ def make_train_step(
     schedule: Callable[[jax.Array], jax.Array] | None = None,
     param_compute_dtype: Any = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
-    """Pure ``step(state, batch) -> (state, metrics)``; jit it with :func:`jit_train_step`."""
+    """Pure ``step(state, batch, frozen=None) -> (state, metrics)``; jit it with :func:`jit_train_step`."""
 
-    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+    def step(state: TrainState, batch: Any, frozen: Any = None) -> tuple[TrainState, dict]:
         rng, step_rng = jax.random.split(state.rng)
         if grad_accum == 1:
             g, loss, metrics, w = _grads_one(
-                loss_fn, state.params, state.frozen, batch, step_rng, param_compute_dtype
+                loss_fn, state.params, frozen, batch, step_rng, param_compute_dtype
             )
             grads = jax.tree.map(lambda x: x.astype(jnp.float32) / w, g)
             metrics = {**metrics, "loss": loss}
@@ -80,7 +84,7 @@ def make_train_step(
                 g, loss, m, w = _grads_one(
                     loss_fn,
                     state.params,
-                    state.frozen,
+                    frozen,
                     micro,
                     jax.random.fold_in(step_rng, i),
                     param_compute_dtype,
@@ -94,7 +98,7 @@ def make_train_step(
                 lambda: _grads_one(
                     loss_fn,
                     state.params,
-                    state.frozen,
+                    frozen,
                     jax.tree.map(lambda x: x[0], batch),
                     step_rng,
                     param_compute_dtype,
@@ -115,7 +119,7 @@ def make_train_step(
         metrics["grad_norm"] = optax.tree.norm(grads)
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
-        new_state = TrainState(state.step + 1, params, state.frozen, opt_state, rng)
+        new_state = TrainState(state.step + 1, params, opt_state, rng)
         return new_state, metrics
 
     return step
@@ -133,18 +137,22 @@ def batch_shardings(batch: Any, mesh: Mesh, grad_accum: int = 1) -> Any:
 
 
 def jit_train_step(
-    step: Callable[[TrainState, Any], tuple[TrainState, dict]],
-    shardings: TrainState | None = None,
+    step: Callable[..., tuple[Any, dict]],
+    shardings: Any = None,
     *,
     mesh: Mesh | None = None,
     grad_accum: int = 1,
     donate: bool = True,
-) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
-    """``jax.jit(step, in_shardings=(state, batch), out_shardings=(state, replicated), donate_argnums=0)``.
+    frozen_shardings: Any = None,
+) -> Callable[..., tuple[Any, dict]]:
+    """``call(state, batch, frozen=None)``: ``jax.jit(step, in_shardings=(state, batch, frozen),
+    out_shardings=(state, replicated), donate_argnums=0)`` — the state is donated, ``frozen`` never is.
 
-    Batch shardings are derived from the first batch's shapes (and cached per tree structure); the trace
-    runs under ``sharding.use_mesh(mesh)`` so the model's activation constraints apply. Without ``mesh``,
-    a plain jit with a donated state.
+    ``shardings`` mirrors the state (any pytree, e.g. :class:`TrainState` of NamedShardings);
+    ``frozen_shardings`` mirrors ``frozen`` (None: the frozen arrays' own shardings are kept). Batch
+    shardings are derived from the first batch's shapes (cached per tree structure); the trace runs under
+    ``sharding.use_mesh(mesh)`` so the model's activation constraints apply. Without ``mesh``, a plain jit
+    with a donated state.
     """
     donate_args = (0,) if donate else ()
     if mesh is None:
@@ -152,28 +160,36 @@ def jit_train_step(
     rep = sharding.replicated(mesh)
     cache: dict = {}
 
-    def call(state: TrainState, batch: Any):
-        key = jax.tree.structure(batch), tuple(jnp.ndim(x) for x in jax.tree.leaves(batch))
+    def call(state: Any, batch: Any, frozen: Any = None):
+        key = (
+            jax.tree.structure(batch),
+            tuple(jnp.ndim(x) for x in jax.tree.leaves(batch)),
+            jax.tree.structure(frozen),
+        )
         if key not in cache:
             b_sh = batch_shardings(batch, mesh, grad_accum)
+            f_sh = frozen_shardings
+            if f_sh is None:
+                f_sh = jax.tree.map(lambda x: x.sharding, frozen) if frozen is not None else None
             cache[key] = jax.jit(
                 step,
-                in_shardings=(shardings, b_sh),
+                in_shardings=(shardings, b_sh, f_sh),
                 out_shardings=(shardings, rep),
                 donate_argnums=donate_args,
             )
         with sharding.use_mesh(mesh):
-            return cache[key](state, batch)
+            return cache[key](state, batch, frozen)
 
     return call
 
 
-def make_eval_step(loss_fn: LossFn, *, param_compute_dtype: Any = None) -> Callable[[TrainState, Any], dict]:
-    """Jitted ``eval(state, batch) -> metrics`` (``loss`` and ``weight``; no dropout rng: a fixed key)."""
+def make_eval_step(loss_fn: LossFn, *, param_compute_dtype: Any = None) -> Callable[..., dict]:
+    """Jitted ``eval(state, batch, frozen=None) -> metrics`` (``loss`` and ``weight``; no dropout rng: a
+    fixed key)."""
 
-    def ev(state: TrainState, batch: Any) -> dict:
+    def ev(state: TrainState, batch: Any, frozen: Any = None) -> dict:
         loss, metrics = loss_fn(
-            cast_floating(state.params, param_compute_dtype), state.frozen, batch, jax.random.PRNGKey(0)
+            cast_floating(state.params, param_compute_dtype), frozen, batch, jax.random.PRNGKey(0)
         )
         return {**metrics, "loss": loss, "weight": jnp.asarray(metrics.get("weight", 1.0), jnp.float32)}
 
