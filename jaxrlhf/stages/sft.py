@@ -23,6 +23,7 @@ import logging
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from jaxrlhf import data, losses, models
 from jaxrlhf import lora as lora_lib
@@ -119,7 +120,16 @@ def make_loss_fn(spec: models.ModelSpec, cfg: SFTConfig, lora_config: lora_lib.L
                 segment_ids=batch["segment_ids"],
                 **kw,
             )
-            logits, targets, mask = out.logits[:, :-1], batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:]
+            # the head + loss in sequence chunks (no [B, T, V] f32 logits; forward's unused logits are
+            # dead code under jit): position t predicts token t + 1, the last position has no target
+            ids, lmask = batch["input_ids"], batch["loss_mask"]
+            h, kernel = models.lm_head_operands(spec, base, out.hidden, compute_dtype=compute_dtype)
+            targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+            mask = jnp.concatenate([lmask[:, 1:], jnp.zeros_like(lmask[:, :1])], axis=1)
+            loss, lm = losses.chunked_sft_loss(
+                h, kernel, targets, mask, label_smoothing=t.label_smoothing, z_loss=t.z_loss
+            )
+            return loss, {"accuracy": lm["accuracy"], "nll": lm["nll"], "weight": lm["token_count"]}
         loss, lm = losses.sft_loss(logits, targets, mask, label_smoothing=t.label_smoothing, z_loss=t.z_loss)
         return loss, {"accuracy": lm["accuracy"], "nll": lm["nll"], "weight": lm["token_count"]}
 
