@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrlhf.models.attention import resolve_attention_impl
 from jaxrlhf.sharding import constrain
 
 Params = dict[str, Any]
@@ -116,12 +117,11 @@ def attend(
     ``out = softmax(q k^T + bias, masked) v`` -> [B,T,H,D]. Scores and softmax in float32. A row with no
     allowed key (a padded query with nothing before it) gets uniform weights, like HF's additive mask.
     """
+    impl = resolve_attention_impl(impl, q.dtype)
     if impl == "fused":
         b = None if bias is None else bias.astype(jnp.float32 if q.dtype == jnp.float32 else q.dtype)
         m = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
         return jax.nn.dot_product_attention(q, k, v, bias=b, mask=m, scale=1.0)
-    if impl != "plain":
-        raise ValueError(f"attention_impl must be 'plain' or 'fused', got {impl!r}")
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     if bias is not None:
         s = s + bias.astype(jnp.float32)

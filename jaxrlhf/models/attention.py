@@ -7,10 +7,14 @@ G = H / K queries per kv head, D head dim.
 (masked to -inf where mask[b,t,s] is False)) . v[b,s,h//G]``. The plain path never repeats K/V: queries are
 reshaped to ``[B, T, K, G, D]`` and contracted against ``[B, S, K, D]``. The fused path calls
 ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU for bf16/fp16, XLA elsewhere).
+``impl="auto"`` (:func:`resolve_attention_impl`) picks the fused kernel where cuDNN serves it (GPU, bf16 /
+fp16) and the plain path elsewhere, logging the choice once; a cuDNN refusal at trace time falls back to
+XLA's fused implementation with a warning, never silently.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import flax.linen as nn
@@ -21,6 +25,41 @@ from jaxrlhf.models.layers import Dense, apply_rope
 from jaxrlhf.sharding import constrain
 
 _NEG = -1e30  # finite "minus infinity": fully masked (padding) rows give a uniform softmax, not NaN
+ATTENTION_IMPLS = ("auto", "plain", "fused")
+logger = logging.getLogger("jaxrlhf.attention")
+_LOGGED: set = set()
+
+
+def _log_once(level: int, key: Any, msg: str, *args: Any) -> None:
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        logger.log(level, msg, *args)
+
+
+def resolve_attention_impl(impl: str, dtype: Any = None, backend: str | None = None) -> str:
+    """``"plain"`` or ``"fused"`` for a configured ``attention_impl`` (``"auto"``, ``"plain"``, ``"fused"``).
+
+    ``"auto"``: ``"fused"`` when the backend is a GPU and the compute ``dtype`` is bf16 / fp16 (cuDNN flash
+    attention: no ``[B, H, T, S]`` f32 scores in memory), else ``"plain"`` (CPU / TPU / f32, where the
+    fused call would be XLA's own unfused math anyway). The choice is logged once per (dtype, backend).
+    ``backend`` defaults to ``jax.default_backend()``; ``dtype`` None counts as float32.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    backend = backend or jax.default_backend()
+    dt = jnp.dtype(dtype or jnp.float32)
+    chosen = "fused" if backend in ("gpu", "cuda", "rocm") and dt in (jnp.bfloat16, jnp.float16) else "plain"
+    _log_once(
+        logging.INFO,
+        ("auto", dt.name, backend),
+        "attention_impl auto -> %s (%s on %s)",
+        chosen,
+        dt.name,
+        backend,
+    )
+    return chosen
 
 
 def make_mask(
@@ -63,10 +102,9 @@ def attend(
     scaled scores, float32). ``is_causal`` lets the fused path use the kernel's own causal mask when
     ``mask`` is None. Scores and softmax are float32; the value product is in v's dtype.
     """
+    impl = resolve_attention_impl(impl, q.dtype)
     if impl == "fused":
         return _fused(q, k, v, mask, bias, scale=scale, is_causal=is_causal)
-    if impl != "plain":
-        raise ValueError(f"attention_impl must be 'plain' or 'fused', got {impl!r}")
     b, t, h, d = q.shape
     kv = k.shape[2]
     g = h // kv
@@ -97,8 +135,13 @@ def _fused(q, k, v, mask, bias, *, scale, is_causal):
             return jax.nn.dot_product_attention(
                 q, k, v, bias=bias, mask=mask, scale=scale, is_causal=causal, implementation="cudnn"
             )
-        except Exception:  # unsupported shape / cuDNN missing: the XLA path below is always available
-            pass
+        except Exception as e:  # unsupported shape / cuDNN missing: the XLA path below is always available
+            _log_once(
+                logging.WARNING,
+                ("fallback", q.shape, k.shape, q.dtype.name, mask is None, bias is None),
+                "cuDNN attention refused q %s k %s %s (%s: %s); using the XLA implementation",
+                q.shape, k.shape, q.dtype.name, type(e).__name__, str(e).splitlines()[0] if str(e) else "",
+            )  # fmt: skip
     return jax.nn.dot_product_attention(
         q, k, v, bias=bias, mask=mask, scale=scale, is_causal=causal, implementation="xla"
     )

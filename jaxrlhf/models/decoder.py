@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxrlhf.models.attention import Attention, make_mask
+from jaxrlhf.models.attention import Attention, make_mask, resolve_attention_impl
 from jaxrlhf.models.layers import (
     Dense,
     Embed,
@@ -117,6 +117,7 @@ class Decoder(nn.Module):
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None, cache=None):
         s = self.spec
         b, t = input_ids.shape
+        impl = resolve_attention_impl(self.impl, self.compute_dtype or jnp.float32)
         mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         if segment_ids is not None:
             mask = mask & (segment_ids != 0)
@@ -146,7 +147,7 @@ class Decoder(nn.Module):
         is_causal = (
             cache is None and attention_mask is None and segment_ids is None and s.sliding_window is None
         )
-        if is_causal and self.impl == "fused":
+        if is_causal and impl == "fused":
             attn_mask = None
 
         embed = Embed(
@@ -181,7 +182,7 @@ class Decoder(nn.Module):
             # fused kernel takes the bias in the compute dtype, so there it is made relative to the query
             # (small near the diagonal, where bf16 rounding would otherwise blur neighbouring keys).
             key_pos = kv_pos[:, None, None, :].astype(jnp.float32)
-            if self.impl == "fused":
+            if impl == "fused":
                 key_pos = key_pos - positions[:, None, :, None].astype(jnp.float32)
             bias = alibi_slopes(s.num_heads)[None, :, None, None] * key_pos
 
@@ -193,7 +194,7 @@ class Decoder(nn.Module):
         layer_caches = []
         for i in range(s.num_layers):
             layer_cache = None if cache is None else cache["layers"][i]
-            block = block_cls(s, self.compute_dtype, self.lora_config, self.impl, name=f"layers_{i}")
+            block = block_cls(s, self.compute_dtype, self.lora_config, impl, name=f"layers_{i}")
             x, c = block(x, attn_mask, bias, rope, layer_cache, index, is_causal)
             layer_caches.append(c)
 

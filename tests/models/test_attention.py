@@ -1,0 +1,133 @@
+"""Attention: `auto` resolution (logged), logged cuDNN fallback, mask construction, fused == plain (CPU)."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _hf_tiny import tiny_hf_config
+from hypothesis import given
+from hypothesis import strategies as st
+
+from jaxrlhf import models
+from jaxrlhf.models import attention
+from jaxrlhf.models.attention import attend, make_mask, resolve_attention_impl
+from jaxrlhf.models.spec import ModelSpec
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log_state():
+    attention._LOGGED.clear()
+    yield
+    attention._LOGGED.clear()
+
+
+@pytest.mark.parametrize(
+    "impl,dtype,backend,want",
+    [
+        ("auto", jnp.bfloat16, "gpu", "fused"),
+        ("auto", jnp.float16, "gpu", "fused"),
+        ("auto", jnp.float32, "gpu", "plain"),
+        ("auto", None, "gpu", "plain"),
+        ("auto", jnp.bfloat16, "cpu", "plain"),
+        ("auto", jnp.bfloat16, "tpu", "plain"),
+        ("plain", jnp.bfloat16, "gpu", "plain"),
+        ("fused", jnp.float32, "cpu", "fused"),
+    ],
+)
+def test_resolve_attention_impl(impl, dtype, backend, want):
+    assert resolve_attention_impl(impl, dtype, backend) == want
+
+
+def test_auto_choice_is_logged_once_and_bad_names_raise(caplog):
+    with caplog.at_level(logging.INFO, logger="jaxrlhf.attention"):
+        for _ in range(3):
+            resolve_attention_impl("auto", jnp.bfloat16, "gpu")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["attention_impl auto -> fused (bfloat16 on gpu)"]
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        resolve_attention_impl("flash", jnp.bfloat16)
+
+
+def _qkv(seed, b=2, t=6, s=6, h=4, k=2, d=8, dtype=jnp.float32):
+    r = np.random.default_rng(seed)
+    q = jnp.asarray(r.standard_normal((b, t, h, d)), dtype)
+    kk = jnp.asarray(r.standard_normal((b, s, k, d)), dtype)
+    v = jnp.asarray(r.standard_normal((b, s, k, d)), dtype)
+    return q, kk, v
+
+
+def test_cudnn_refusal_falls_back_to_xla_with_a_warning(monkeypatch, caplog):
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(0))
+    real = jax.nn.dot_product_attention
+
+    def fake(*args, implementation=None, **kw):
+        if implementation == "cudnn":
+            raise RuntimeError("cuDNN is not available")
+        return real(*args, implementation=implementation, **kw)
+
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention.jax.nn, "dot_product_attention", fake)
+    with caplog.at_level(logging.WARNING, logger="jaxrlhf.attention"):
+        out = attend(q, k, v, None, scale=0.3, impl="auto", is_causal=True)
+        attend(q, k, v, None, scale=0.3, impl="auto", is_causal=True)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "cuDNN is not available" in warnings[0] and "XLA" in warnings[0]
+    ref = attend(q, k, v, None, scale=0.3, impl="plain", is_causal=True)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
+
+
+@given(seed=st.integers(0, 10_000), window=st.sampled_from([None, 1, 2, 4]))
+def test_make_mask_equals_brute_force(seed, window):
+    r = np.random.default_rng(seed)
+    b, t = 2, 7
+    seg = np.sort(r.integers(0, 3, (b, t)), axis=1)  # packed rows: contiguous segments, 0 = padding
+    valid = seg != 0
+    pos = np.zeros((b, t), np.int32)
+    for i in range(b):
+        for j in range(1, t):
+            pos[i, j] = pos[i, j - 1] + 1 if seg[i, j] == seg[i, j - 1] else 0
+    got = make_mask(jnp.arange(t), jnp.arange(t), jnp.asarray(valid), jnp.asarray(pos), jnp.asarray(pos),
+                    window, jnp.asarray(seg), jnp.asarray(seg))  # fmt: skip
+    want = np.zeros((b, 1, t, t), bool)
+    for i in range(b):
+        for qi in range(t):
+            for ki in range(qi + 1):
+                ok = valid[i, ki] and seg[i, qi] == seg[i, ki]
+                if window is not None:
+                    ok = ok and pos[i, qi] - pos[i, ki] < window
+                want[i, 0, qi, ki] = ok
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_xla_equals_plain_with_mask_and_bias(with_bias):
+    q, k, v = _qkv(1)
+    r = np.random.default_rng(2)
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
+    mask = make_mask(jnp.arange(6), jnp.arange(6), seg != 0, q_segment=seg, kv_segment=seg)
+    bias = jnp.asarray(r.standard_normal((2, 4, 6, 6)), jnp.float32) if with_bias else None
+    plain = attend(q, k, v, mask, bias, scale=0.35, impl="plain")
+    fused = attend(q, k, v, mask, bias, scale=0.35, impl="fused")
+    real = np.asarray(seg != 0)  # padded queries attend to nothing: their outputs are not compared
+    np.testing.assert_allclose(np.asarray(fused)[real], np.asarray(plain)[real], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama3", "mistral", "bloom"])
+def test_decoder_auto_and_fused_equal_plain_logits(name):
+    spec = ModelSpec.from_hf_config(tiny_hf_config(name).to_dict())
+    if name == "mistral":
+        spec = spec.replace(sliding_window=3)
+    params = models.init_params(spec, jax.random.key(0))
+    ids = jnp.asarray(np.random.default_rng(3).integers(3, 100, (2, 8)), jnp.int32)
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    pos = jnp.asarray([[0, 1, 2, 0, 1, 2, 3, 0], list(range(8))])
+    kw = dict(positions=pos, segment_ids=seg)
+    plain = models.forward(spec, params, ids, **kw, attention_impl="plain").logits
+    real = np.asarray(seg != 0)
+    for impl in ("auto", "fused"):
+        other = models.forward(spec, params, ids, **kw, attention_impl=impl).logits
+        np.testing.assert_allclose(np.asarray(other)[real], np.asarray(plain)[real], atol=1e-5)
