@@ -6,6 +6,8 @@ peak device memory and the card.
 
     PYTHONPATH=. python benchmarks/sft.py --mode both                 # H100/H200: 8 x 2048, bf16 compute
     PYTHONPATH=. python benchmarks/sft.py --mode both --tiny          # CPU smoke run
+    PYTHONPATH=. python benchmarks/sft.py --stage-config benchmarks/configs/sft_llama1b.yaml [--set k=v ...]
+        # the SFT stage's own step (its loader's packed batch, make_loss_fn, train step); see _stage.py
     options: --remat none|full|save_dots  --attention fused|plain  --param-dtype float32|bfloat16
              --grad-accum K (K micro-batches of --batch rows per step)  --lora-rank 16  --steps 5
 """
@@ -86,41 +88,35 @@ def build(mode: str, args):
     if mode == "full":
         params = models.init_params(spec, rng, dtype=p_dtype, mesh=mesh)
         state, shard = train.init_train_state(params, opt, 0, mesh=mesh, params_axes=axes)
-        loss_fn = make_loss(spec, args)
+        loss_fn, frozen = make_loss(spec, args), None
     else:
         cfg = lora.LoraConfig(rank=args.lora_rank, alpha=args.lora_rank, targets=ALL_LINEAR)
         base = models.init_params(spec, rng, dtype=jnp.bfloat16, mesh=mesh)  # frozen base in bf16, like peft
         adapters = lora.init(spec, base, cfg, jax.random.PRNGKey(1))
         state, shard = train.init_train_state(
-            adapters,
-            opt,
-            0,
-            frozen=base,
-            mesh=mesh,
-            params_axes=lora.param_axes(axes, adapters),
-            frozen_axes=axes,
+            adapters, opt, 0, mesh=mesh, params_axes=lora.param_axes(axes, adapters)
         )
-        loss_fn = make_loss(spec, args, cfg)
+        loss_fn, frozen = make_loss(spec, args, cfg), base
     step = train.make_train_step(
         loss_fn, opt, grad_accum=args.grad_accum, param_compute_dtype=jnp.bfloat16 if mode == "full" else None
     )
     step = train.jit_train_step(step, shard, mesh=mesh, grad_accum=args.grad_accum)
     shape = (args.batch, args.seq) if args.grad_accum == 1 else (args.grad_accum, args.batch, args.seq)
     ids = jax.random.randint(jax.random.PRNGKey(2), shape, 0, spec.vocab_size, jnp.int32)
-    return step, state, ids
+    return step, state, ids, frozen
 
 
 def run(mode: str, args) -> dict:
     spec = TINY if args.tiny else LLAMA_1B
-    step, state, ids = build(mode, args)
+    step, state, ids, frozen = build(mode, args)
     t_compile = time.perf_counter()
     for _ in range(2):  # compile + warm-up
-        state, metrics = step(state, ids)
+        state, metrics = step(state, ids, frozen)
     float(metrics["loss"])
     t_compile = time.perf_counter() - t_compile
     t = time.perf_counter()
     for _ in range(args.steps):
-        state, metrics = step(state, ids)
+        state, metrics = step(state, ids, frozen)
     loss = float(metrics["loss"])
     dt = (time.perf_counter() - t) / args.steps
     tokens = args.batch * args.seq * args.grad_accum / dt
@@ -162,7 +158,14 @@ def main():
     p.add_argument("--remat", choices=["none", "full", "save_dots"], default="none")
     p.add_argument("--attention", choices=["fused", "plain"], default="fused")
     p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--stage-config", default=None, help="time the SFT stage's own step from this config")
+    p.add_argument("--set", action="append", default=[], help="config override key=value (--stage-config)")
     args = p.parse_args()
+    if args.stage_config:
+        import _stage
+
+        print(json.dumps(_stage.stage_step(args.stage_config, args.set, args.steps)), flush=True)
+        return
     args.batch = args.batch or (2 if args.tiny else 8)
     args.seq = args.seq or (32 if args.tiny else 2048)
     for mode in ["full", "lora"] if args.mode == "both" else [args.mode]:
