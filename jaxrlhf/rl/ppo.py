@@ -138,7 +138,8 @@ def make_ppo_update(
         def minibatch(carry, xs):
             policy, critic, p_opt, c_opt, ema, step = carry
             mb, ptx_one, ptx_tok = xs
-            denominators = {"tokens": jnp.sum(mb["mask"]), "seqs": jnp.float32(mb["mask"].shape[0] * n_acc)}
+            n_seq = mb["mask"].shape[0] * mb["mask"].shape[1]  # [grad_accum, rows, N]
+            denominators = {"tokens": jnp.sum(mb["mask"]), "seqs": jnp.float32(n_seq)}
 
             def micro(acc, ys):
                 i, batch, ptx_micro = ys
@@ -164,7 +165,7 @@ def make_ppo_update(
             critic = optax.apply_updates(critic, uc)
             if ema is not None:
                 ema = _where_tree(train_policy, ema_fn.update(ema, policy), ema)
-            m = {**m, "policy_grad_norm": optax.global_norm(g_p), "critic_grad_norm": optax.global_norm(g_c)}
+            m = {**m, "policy_grad_norm": optax.tree.norm(g_p), "critic_grad_norm": optax.tree.norm(g_c)}
             return (policy, critic, p_opt, c_opt, ema, step + 1), m
 
         def epoch(carry, key):
