@@ -91,21 +91,16 @@ def run(mode: str, args) -> dict:
     head = heads.init_head(spec, jax.random.PRNGKey(3))
     if mode == "full":
         params = models.init_params(spec, rng, dtype=jnp.dtype(args.param_dtype), mesh=mesh)
-        trainable, frozen, t_axes, f_axes = {"params": params, "head": head}, None, {"params": axes}, None
+        trainable, frozen, t_axes = {"params": params, "head": head}, None, {"params": axes}
         cfg = None
     else:
         cfg = lora.LoraConfig(rank=args.lora_rank, alpha=args.lora_rank, targets=ALL_LINEAR)
         frozen = models.init_params(spec, rng, dtype=jnp.bfloat16, mesh=mesh)  # frozen shared base in bf16
         adapters = lora.init(spec, frozen, cfg, jax.random.PRNGKey(1))
-        trainable, t_axes, f_axes = (
-            {"lora": adapters, "head": head},
-            {"lora": lora.param_axes(axes, adapters)},
-            axes,
-        )
+        trainable = {"lora": adapters, "head": head}
+        t_axes = {"lora": lora.param_axes(axes, adapters)}
     t_axes["head"] = heads.head_axes()
-    state, shard = train.init_train_state(
-        trainable, opt, 0, frozen=frozen, mesh=mesh, params_axes=t_axes, frozen_axes=f_axes
-    )
+    state, shard = train.init_train_state(trainable, opt, 0, mesh=mesh, params_axes=t_axes)
     step = train.make_train_step(
         make_loss(spec, args, cfg), opt, param_compute_dtype=jnp.bfloat16 if mode == "full" else None
     )
@@ -113,12 +108,12 @@ def run(mode: str, args) -> dict:
     batch = make_batch(spec, args.pairs, args.seq)
     t_compile = time.perf_counter()
     for _ in range(2):  # compile + warm-up
-        state, metrics = step(state, batch)
+        state, metrics = step(state, batch, frozen)
     float(metrics["loss"])
     t_compile = time.perf_counter() - t_compile
     t = time.perf_counter()
     for _ in range(args.steps):
-        state, metrics = step(state, batch)
+        state, metrics = step(state, batch, frozen)
     loss = float(metrics["loss"])
     dt = (time.perf_counter() - t) / args.steps
     tokens = 2 * args.pairs * args.seq / dt
