@@ -254,9 +254,11 @@ def run(config: RMConfig) -> RMResult:
         json_extras={"reward_stats": stats},
     )
     if config.export.hf:
+        # every process takes part in the gathers; process 0 writes
         merged = runner.host_array(base if adapters is None else lora_lib.merge(base, adapters, lcfg))
+        head_np = runner.host_array(head)
         if common.is_primary():
-            _export(spec, merged, runner.host_array(head), r.tokenizer, os.path.join(r.out, "export", "hf"))
+            _export(spec, merged, head_np, r.tokenizer, os.path.join(r.out, "export", "hf"))
     runner.finish(out, step, {f"reward_stats/{k}": v for k, v in stats.items() if k != "split"})
     logger.info("reward stats: %s", stats)
     return RMResult(r.out, stage_dir, out.train_metrics, out.eval_metrics, out.first_eval, stats)
