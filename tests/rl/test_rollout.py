@@ -20,6 +20,8 @@ from tests.rl import _tiny
 N = 12
 STATIC = ("spec", "lora_config", "temperature", "return_entropy", "return_hidden")
 logprobs_jit = jax.jit(rl.completion_logprobs, static_argnames=STATIC)
+forward_jit = jax.jit(models.forward, static_argnums=0)
+score_jit = jax.jit(reward_model.score, static_argnames=("spec", "lora_config"))
 
 
 STOP = tuple(range(3, 320, 6))  # one token in six stops a row: rows end at different steps
@@ -49,12 +51,12 @@ def test_completion_logprobs_equal_generation_and_plain_forward(name):
     lp, ent, hid = logprobs_jit(spec, p, *args, temperature=0.7, return_entropy=True, return_hidden=True)
     P = res.prompt_ids.shape[1]
     if spec.is_encoder_decoder:
-        out = models.forward(
+        out = forward_jit(
             spec, p, res.prompt_ids, res.prompt_mask, decoder_input_ids=res.decoder_input_ids(0)
         )
         logits, hidden = out.logits, out.hidden
     else:
-        out = models.forward(spec, p, *res.sequences())
+        out = forward_jit(spec, p, *res.sequences())
         logits, hidden = out.logits[:, P - 1 : -1], out.hidden[:, P - 1 : -1]
     logp = np.asarray(jax.nn.log_softmax(logits / 0.7, axis=-1), np.float64)
     want = np.take_along_axis(logp, np.asarray(res.tokens)[..., None], -1)[..., 0]
@@ -135,9 +137,7 @@ def test_reference_is_the_base_without_adapters_and_one_base_serves_three_adapte
     # scores: the reward adapters' score of prompt ++ completion, normalised by the stats
     seq_ids = np.concatenate([ro.prompt_ids, ro.tokens], 1)
     seq_mask = np.concatenate([np.asarray(ro.prompt_mask), valid], 1).astype(np.int32)
-    raw = reward_model.score(
-        spec, base, rewards.scorer.head, seq_ids, seq_mask, lora=rm_ad, lora_config=_tiny.LORA
-    )
+    raw = score_jit(spec, base, rewards.scorer.head, seq_ids, seq_mask, lora=rm_ad, lora_config=_tiny.LORA)
     np.testing.assert_allclose(np.asarray(ro.raw_scores), np.asarray(raw), atol=1e-5)
     np.testing.assert_allclose(np.asarray(ro.scores), (np.asarray(raw) - 0.5) / 2.0, atol=1e-5)
     # exactly one copy of the base among everything the rollout holds
@@ -215,9 +215,7 @@ def test_t5_rollout_with_decoder_value_head_and_reward_model():
     width = generation.bucket_length(max(map(len, rows)))
     rm_ids = np.asarray([r + [0] * (width - len(r)) for r in rows], np.int32)
     rm_mask = np.asarray([[1] * len(r) + [0] * (width - len(r)) for r in rows], np.int32)
-    want = reward_model.score(
-        spec, base, scorer.head, rm_ids, rm_mask, lora=scorer.lora, lora_config=_tiny.LORA
-    )
+    want = score_jit(spec, base, scorer.head, rm_ids, rm_mask, lora=scorer.lora, lora_config=_tiny.LORA)
     np.testing.assert_allclose(np.asarray(ro.raw_scores), np.asarray(want), atol=1e-5)
     assert tok.decode([5, 1]) == "5 1" and np.std(np.asarray(ro.raw_scores)) > 0
 
