@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf.models.attention import resolve_attention_impl
+from jaxrlhf.models.layers import lora_delta
 from jaxrlhf.sharding import constrain
 
 Params = dict[str, Any]
@@ -66,12 +67,7 @@ def dense(
     if lora is not None and "lora_a" in lora:
         if lora_config is None:
             raise ValueError("LoRA adapters were given without lora_config (needs .scale and .dropout)")
-        xd = x
-        rate = float(getattr(lora_config, "dropout", 0.0) or 0.0)
-        if rate > 0.0 and rng is not None:
-            keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-            xd = jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-        y = y + lora_config.scale * ((xd @ lora["lora_a"].astype(x.dtype)) @ lora["lora_b"].astype(x.dtype))
+        y = y + lora_delta(x, lora["lora_a"], lora["lora_b"], lora_config, rng)
     return y
 
 

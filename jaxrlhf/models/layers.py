@@ -24,6 +24,20 @@ def _boxed(init, axes: tuple[str | None, ...]):
     return nn.with_logical_partitioning(init, axes)
 
 
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, config: Any, rng: jax.Array | None) -> jax.Array:
+    """The LoRA term of an adapted Dense layer, in ``x``'s dtype: ``scale * dropout(x) @ a @ b``.
+
+    ``x [..., in]``, ``a [in, r]``, ``b [r, out]``; ``config`` has ``.scale`` and ``.dropout`` (a rate);
+    dropout (inverted, like torch) applies only when ``rng`` is given and the rate is > 0. The one
+    implementation used by the decoder (``Dense``) and T5 (``_t5_layers.dense``)."""
+    h = x
+    rate = float(getattr(config, "dropout", 0.0) or 0.0)
+    if rate > 0.0 and rng is not None:
+        keep = jax.random.bernoulli(rng, 1.0 - rate, h.shape)
+        h = jnp.where(keep, h / (1.0 - rate), jnp.zeros_like(h))
+    return (config.scale * ((h @ a.astype(x.dtype)) @ b.astype(x.dtype))).astype(x.dtype)
+
+
 class Dense(nn.Module):
     """``y = x @ kernel + bias`` with kernel ``[in, out]``, plus a LoRA delta when adapters are present.
 
@@ -51,14 +65,9 @@ class Dense(nn.Module):
         if self.has_variable("lora", "lora_a"):
             if self.lora_config is None:
                 raise ValueError(f"{'/'.join(self.scope.path)}: LoRA adapters given without lora_config")
-            a = self.get_variable("lora", "lora_a").astype(dtype)
-            b = self.get_variable("lora", "lora_b").astype(dtype)
-            h = x
-            rate = float(getattr(self.lora_config, "dropout", 0.0) or 0.0)
-            if rate > 0.0 and self.has_rng("dropout"):
-                keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, h.shape)
-                h = jnp.where(keep, h / (1.0 - rate), jnp.zeros_like(h))
-            y = y + (self.lora_config.scale * ((h @ a) @ b)).astype(dtype)
+            rng = self.make_rng("dropout") if self.has_rng("dropout") else None
+            a, b = self.get_variable("lora", "lora_a"), self.get_variable("lora", "lora_b")
+            y = y + lora_delta(x, a, b, self.lora_config, rng)
         return y
 
 

@@ -32,6 +32,8 @@ class ModelConfig:
     ``vocab_size`` and the special token ids default to the tokenizer's.
 
     ``dtype``: parameter dtype; ``compute_dtype``: activation dtype (e.g. bfloat16 over f32 master weights).
+    ``attention_impl``: ``auto`` = the fused (cuDNN) kernel where it serves the dtype and device, the plain
+    path elsewhere (the choice is logged); ``plain`` / ``fused`` force one.
     """
 
     path: str | None = None
@@ -40,7 +42,7 @@ class ModelConfig:
     dtype: str = "float32"
     compute_dtype: str | None = None
     remat: Literal["none", "full", "save_dots"] = "none"
-    attention_impl: Literal["plain", "fused"] = "plain"
+    attention_impl: Literal["auto", "plain", "fused"] = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -231,6 +231,9 @@ def check_run_dir(out: str, stage: str, config: Any, *, safe: Iterable[str] = ()
 def start(config: Any, stage: str, *, safe_keys: Iterable[str] = (), load_model: bool = True) -> Run:
     """Set a stage up (see the module docstring). ``config`` has the sections of the stage configs (``name``,
     ``output_dir``, ``model``, ``tokenizer``, ``train`` with ``mesh`` / ``seed``, ``checkpoint``)."""
+    from jaxrlhf import compile_cache
+
+    compile_cache.enable_compilation_cache()  # a rerun or resume of the same config skips compilation
     out = common.run_dir(config.name, config.output_dir)
     check_run_dir(out, stage, config, safe=safe_keys)
     tcfg = config.train
