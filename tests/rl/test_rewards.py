@@ -4,6 +4,7 @@ reward model (normalised scores, tokenizer mismatch, re-tokenisation), the confi
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import textwrap
@@ -16,8 +17,9 @@ from jaxrlhf import data, generation, reward_model, train
 from jaxrlhf.generation import SamplingConfig
 from jaxrlhf.rl import prompts as pl
 from jaxrlhf.rl import rewards as rw
-from jaxrlhf.rl import rollout as rl
 from tests.rl import _tiny
+
+rl = importlib.import_module("jaxrlhf.rl.rollout")  # the module (the package exports the function)
 
 FUNCS = textwrap.dedent(
     """

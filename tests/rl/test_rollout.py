@@ -4,6 +4,7 @@ reference / critic / reward actors on one shared base, T5 rollouts."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import jax
 import numpy as np
@@ -14,8 +15,9 @@ from jaxrlhf.generation import SamplingConfig
 from jaxrlhf.models import heads
 from jaxrlhf.rl import prompts as prompts_lib
 from jaxrlhf.rl import rewards as rewards_lib
-from jaxrlhf.rl import rollout as rl
 from tests.rl import _tiny
+
+rl = importlib.import_module("jaxrlhf.rl.rollout")  # the module (the package exports the function)
 
 N = 12
 STATIC = ("spec", "lora_config", "temperature", "return_entropy", "return_hidden")
