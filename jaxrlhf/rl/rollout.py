@@ -50,6 +50,7 @@ __all__ = [
     "Scorer",
     "completion_logprobs",
     "decode_completions",
+    "parameter_bytes",
     "rollout",
     "token_logprobs_entropy",
 ]
