@@ -1,5 +1,9 @@
 """RL building blocks shared by the PPO, GRPO and RLOO stages: rollouts, rewards, the PPO update.
 
+Rollouts (modules ``rl.rollout``, ``rl.rewards``, ``rl.prompts``): ``rl.rollout.rollout(models, rewards,
+prompt_batch, rng, sampling, rm_stats=...) -> Rollout`` (the function is not re-exported: ``rl.rollout`` stays
+the module); log-probs everywhere from ``rl.completion_logprobs``.
+
 PPO (``rl.ppo``)::
 
     ppo_models = rl.PPOModels(policy_spec, critic_spec, policy_lora=cfg_or_None, critic_lora=cfg_or_None)
@@ -26,9 +30,28 @@ from jaxrlhf.rl._ppo_state import (
     ppo_state_shardings,
     rm_stats,
 )
-from jaxrlhf.rl.ppo import jit_ppo_update, kl_controller, make_ppo_update, ppo_advantages
+from jaxrlhf.rl.ppo import (
+    export_policy,
+    jit_ppo_update,
+    kl_controller,
+    make_ppo_update,
+    ppo_advantages,
+    rollout_models,
+)
+from jaxrlhf.rl.rewards import RewardConfig, Rewards, build_rewards
+from jaxrlhf.rl.rollout import (
+    Actor,
+    Critic,
+    Rollout,
+    RolloutModels,
+    Scorer,
+    completion_logprobs,
+    decode_completions,
+)
 
 __all__ = [
+    "Actor",
+    "Critic",
     "EMA",
     "EMAState",
     "KL_MODES",
@@ -36,8 +59,17 @@ __all__ = [
     "PPOHyperParams",
     "PPOModels",
     "PPOState",
+    "RewardConfig",
+    "Rewards",
+    "Rollout",
+    "RolloutModels",
+    "Scorer",
+    "build_rewards",
+    "completion_logprobs",
     "critic_axes",
+    "decode_completions",
     "ema",
+    "export_policy",
     "frozen_shardings",
     "init_ppo_state",
     "jit_ppo_update",
@@ -48,4 +80,5 @@ __all__ = [
     "ppo_advantages",
     "ppo_state_shardings",
     "rm_stats",
+    "rollout_models",
 ]

@@ -204,6 +204,32 @@ def make_ppo_update(
     return update
 
 
+def rollout_models(
+    ppo_models: PPOModels, state: PPOState, frozen: PPOFrozen, *, ref: Any = None, no_ref=False
+):
+    """The ``rl.rollout.RolloutModels`` of the current state: policy and critic actors over their bases.
+
+    ``ref``: an ``rl.rollout.Actor`` of frozen reference params (full-parameter policies); None with a LoRA
+    policy means the policy's base without adapters (no copy).
+    """
+    from jaxrlhf.rl import rollout as rollout_lib
+
+    pm = ppo_models
+    pol = (pm.policy_spec, state.policy, None, None) if pm.policy_lora is None else (
+        pm.policy_spec, frozen.policy_base, state.policy, pm.policy_lora)  # fmt: skip
+    bb = state.critic["backbone"]
+    cri = (pm.critic_spec, bb, state.critic["head"], None, None) if pm.critic_lora is None else (
+        pm.critic_spec, frozen.critic_base, state.critic["head"], bb, pm.critic_lora)  # fmt: skip
+    return rollout_lib.RolloutModels(
+        rollout_lib.Actor(*pol), ref=ref, critic=rollout_lib.Critic(*cri), no_ref=no_ref
+    )
+
+
+def export_policy(state: PPOState) -> Any:
+    """The policy tree to export: the EMA when enabled (DeepSpeed-Chat), else the trained params/adapters."""
+    return state.policy if state.ema is None else state.ema.params
+
+
 def _batch_shardings(tree: Any, mesh: Mesh) -> Any:
     def one(x):
         names = ("batch",) + (None,) * (x.ndim - 1)

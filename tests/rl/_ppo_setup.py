@@ -13,6 +13,7 @@ import numpy as np
 from jaxrlhf import generation, rl
 from jaxrlhf.generation import SamplingConfig
 from jaxrlhf.models import heads
+from jaxrlhf.rl import prompts as prompts_lib
 from jaxrlhf.rl import rollout as rollout_lib
 from tests.rl import _tiny
 
@@ -63,6 +64,22 @@ def make_rollout(ppo_models, state, frozen, ref_params, *, n_prompts=4, n=2, new
         logprobs=logprobs, ref_logprobs=ref, values=values, scores=scores, ended=jnp.any(m > 0, axis=1),
         raw_scores=2 * scores + 1, reward_terms=scores[:, None], lengths=jnp.sum(m, axis=1).astype(jnp.int32),
     )  # fmt: skip
+
+
+def real_rollout(ppo_models, state, frozen, *, n_prompts=4, n=2, new=8, seed=0):
+    """A Rollout from helper rollout's ``rl.rollout`` (policy / base-as-reference / critic of ``state``, a
+    reward model = the base + a head, normalised by the state's running statistics)."""
+    lengths = (3, 7, 5, 1, 4, 6, 2, 8)[:n_prompts]
+    ids, mask = _tiny.prompts(lengths, seed=seed)
+    texts = [" ".join(str(t) for t in r[m > 0]) for r, m in zip(ids, mask, strict=True)]
+    batch = prompts_lib.PromptBatch(ids, mask, texts, [None] * len(ids), {}, np.arange(len(ids)))
+    scorer = rl.Scorer(ppo_models.policy_spec, frozen.policy_base, _tiny.head("llama", 7, 0.3))
+    rewards = rl.Rewards(tokenizer=None, scorer=scorer, weights=(1.0,))
+    models_ = rl.rollout_models(ppo_models, state, frozen)
+    sampling = SamplingConfig(max_new_tokens=new, n=n)
+    return rollout_lib.rollout(
+        models_, rewards, batch, jax.random.key(seed), sampling, rm_stats=rl.rm_stats(state)
+    )
 
 
 def copy(tree):

@@ -35,7 +35,7 @@ def test_first_ratio_is_one_in_one_compiled_scan_with_donated_state():
     ppo_models, frozen, policy, critic = S.lora_setup()
     hp = rl.PPOHyperParams(epochs=2, num_minibatches=2, grad_accum=2, kl_target=6.0)
     state = _init(ppo_models, hp, policy, critic)
-    rollout = S.make_rollout(ppo_models, state, frozen, frozen.policy_base)
+    rollout = S.real_rollout(ppo_models, state, frozen)  # helper rollout's rl.rollout
     update = rl.make_ppo_update(ppo_models, hp, policy_optimizer=ADAMW, critic_optimizer=ADAMW)
     traces = []
     jitted = rl.jit_ppo_update(lambda *a: (traces.append(1), update(*a))[1])
@@ -61,8 +61,10 @@ def test_first_ratio_is_one_in_one_compiled_scan_with_donated_state():
     np.testing.assert_allclose(
         m["kl_coef_next"], 0.05 * (1 + np.clip(float(m["kl_ref"]) / 6.0 - 1, -0.2, 0.2) * 8 / 1e4), rtol=1e-6
     )
-    seen = np.concatenate([np.asarray(rollout.raw_scores), []])
+    seen = np.asarray(rollout.raw_scores, np.float64)  # the reward model's un-normalised scores
     np.testing.assert_allclose(new.reward_norm.mean, (8 * 1.0 + seen.sum()) / 16, rtol=1e-5)
+    # the rollout normalised them with the seed statistics (mean 1, std 2) handed over by rl.rm_stats
+    np.testing.assert_allclose(rollout.scores, (seen - 1.0) / 2.0, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(rl.rm_stats(new)[0], new.reward_norm.mean)
 
     new2, m2 = jitted(new, frozen, rollout, jax.random.PRNGKey(2))  # a second iteration: no new compile
