@@ -69,6 +69,20 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """The ``train`` section's loop settings shared by the stages (each stage's own section adds to it).
+    ``eval_batches``: null = the whole eval split; ``mesh``: the device mesh; ``progress``: a progress bar."""
+
+    eval_every: int = 100
+    eval_batches: int | None = None
+    log_every: int = 10
+    seed: int = 0
+    mesh: MeshConfig = MeshConfig()
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """Orbax checkpoints under ``<run dir>/checkpoints``. ``resume``: continue from the latest one (false:
     start the run over, removing its previous outputs). ``copy_base``: under LoRA, copy the frozen base into

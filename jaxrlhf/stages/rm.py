@@ -37,7 +37,7 @@ from jaxrlhf import lora as lora_lib
 from jaxrlhf import train as train_lib
 from jaxrlhf.models import heads
 from jaxrlhf.stages import common, runner
-from jaxrlhf.stages.common import CheckpointConfig, MeshConfig, ModelConfig, TokenizerConfig
+from jaxrlhf.stages.common import CheckpointConfig, LoopConfig, ModelConfig, TokenizerConfig
 
 logger = logging.getLogger("jaxrlhf.rm")
 
@@ -53,19 +53,12 @@ __all__ = [
 
 
 @dataclasses.dataclass(frozen=True)
-class RMTrainConfig:
-    """Loop settings; ``eval_batches``: null = the whole eval split. ``use_margin``: subtract the data's
-    ``margin`` column inside the sigmoid; ``center_coef``: TRL's ``center_rewards_coefficient``."""
+class RMTrainConfig(LoopConfig):
+    """Loop settings (:class:`~jaxrlhf.stages.common.LoopConfig`) + the loss's: ``use_margin`` subtracts
+    the data's ``margin`` column inside the sigmoid; ``center_coef``: TRL's ``center_rewards_coefficient``."""
 
-    eval_every: int = 100
-    eval_batches: int | None = None
-    log_every: int = 10
-    seed: int = 0
     center_coef: float = 0.0
     use_margin: bool = True
-    mesh: MeshConfig = MeshConfig()
-    tensorboard: bool = True
-    progress: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,7 @@ from jaxrlhf import lora as lora_lib
 from jaxrlhf import train as train_lib
 from jaxrlhf.generation import SamplingConfig
 from jaxrlhf.stages import common, runner
-from jaxrlhf.stages.common import CheckpointConfig, ExportConfig, MeshConfig, ModelConfig, TokenizerConfig
+from jaxrlhf.stages.common import CheckpointConfig, ExportConfig, LoopConfig, ModelConfig, TokenizerConfig
 from jaxrlhf.stages.samples import SampleConfig, write_samples
 
 logger = logging.getLogger("jaxrlhf.sft")
@@ -39,19 +39,12 @@ __all__ = ["SFTConfig", "SFTResult", "SFTTrainConfig", "SampleConfig", "make_los
 
 
 @dataclasses.dataclass(frozen=True)
-class SFTTrainConfig:
-    """Loop settings. The number of optimizer steps is ``optim.total_steps`` (also the schedule's length);
-    ``eval_batches``: null = the whole eval split (``data.eval_fraction`` / ``data.eval_split``)."""
+class SFTTrainConfig(LoopConfig):
+    """Loop settings (:class:`~jaxrlhf.stages.common.LoopConfig`) + the loss's: ``label_smoothing``,
+    ``z_loss``. The number of optimizer steps is ``optim.total_steps`` (also the schedule's length)."""
 
-    eval_every: int = 100
-    eval_batches: int | None = None
-    log_every: int = 10
-    seed: int = 0
     label_smoothing: float = 0.0
     z_loss: float = 0.0
-    mesh: MeshConfig = MeshConfig()
-    tensorboard: bool = True
-    progress: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
-"""Two ``jax.distributed`` processes on localhost (2 CPU devices each) run the stages from the CLI exactly like
-one process with 4 devices: SFT (SIGKILLed after a checkpoint, then resumed by rerunning the command), the
-reward model on its stage checkpoint, and the generations written at the end of SFT.
+"""Two ``jax.distributed`` processes on localhost (2 CPU devices each) run the stages from the CLI exactly
+like one process with 4 devices: SFT (SIGKILLed after a checkpoint, then resumed by rerunning the
+command), the reward model on its stage checkpoint, and the generations written at the end of SFT.
 
 Each command is what a user types (``jaxrlhf sft --config ... --set ...``) with ``JAX_COORDINATOR_ADDRESS``,
 ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` set; the test checks equal losses, equal stage parameters (within
@@ -46,7 +46,9 @@ def _env(devices: int, rank: int | None = None, port: int | None = None) -> dict
         PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
     )
     if rank is not None:
-        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank))
+        env.update(
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank)
+        )
     return env
 
 
@@ -55,7 +57,9 @@ def _cmd(stage: str, config: str, sets: list[str]) -> list[str]:
 
 
 def _one(stage, config, sets):
-    p = subprocess.run(_cmd(stage, config, sets), env=_env(4), capture_output=True, text=True, timeout=TIMEOUT)
+    p = subprocess.run(
+        _cmd(stage, config, sets), env=_env(4), capture_output=True, text=True, timeout=TIMEOUT
+    )
     assert p.returncode == 0, p.stderr[-4000:]
 
 
@@ -131,7 +135,7 @@ def runs(tmp_path_factory):
         else:
             ckpts = d / "sft" / "checkpoints"
 
-            def after_first_checkpoint():
+            def after_first_checkpoint(ckpts=ckpts):
                 return ckpts.is_dir() and any(n.isdigit() for n in os.listdir(ckpts))
 
             finished = _two("sft", SFT, sets, kill_when=after_first_checkpoint)
@@ -176,4 +180,6 @@ def test_reward_model_two_processes_equal_one(runs):
     chex.assert_trees_all_close(b.params, a.params, atol=2e-5, rtol=2e-4)
     chex.assert_trees_all_close(b.extras["reward_head"], a.extras["reward_head"], atol=2e-5, rtol=2e-4)
     for k in ("mean", "std", "accuracy"):
-        np.testing.assert_allclose(b.extras["reward_stats"][k], a.extras["reward_stats"][k], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            b.extras["reward_stats"][k], a.extras["reward_stats"][k], rtol=1e-4, atol=1e-5
+        )

@@ -183,7 +183,9 @@ def test_one_base_three_adapter_sets_base_not_donated(tmp_path):
     # saved side by side over the one base, loaded back onto the mesh
     train.save_stage(
         tmp_path / "stage", spec, base, lora=state.params["policy"], lora_config=sets["policy"],
-        adapter_sets={"critic": (state.params["critic"], sets["critic"]), "reward": (ads["reward"], sets["reward"])},
+        adapter_sets={
+            "critic": (state.params["critic"], sets["critic"]), "reward": (ads["reward"], sets["reward"])
+        },
         stage_info={"stage": "ppo"},
     )  # fmt: skip
     ck = train.load_stage(tmp_path / "stage", mesh=mesh)
