@@ -149,24 +149,31 @@ def test_one_minibatch_update_equals_hand_written_reference(full_setup, loss_agg
 
 def test_critic_warmup_keeps_the_policy_and_ema_follows_each_step():
     ppo_models, frozen, policy, critic = S.lora_setup()
-    hp = rl.PPOHyperParams(epochs=1, num_minibatches=1, critic_warmup_iterations=1, ema_decay=0.5)
+    hp = rl.PPOHyperParams(
+        epochs=1, num_minibatches=1, critic_warmup_iterations=1, ema_decay=0.5, ptx_coef=0.5
+    )
     state = _init(ppo_models, hp, policy, critic)
     rollout = S.make_rollout(ppo_models, state, frozen, frozen.policy_base)
     update = rl.jit_ppo_update(
         rl.make_ppo_update(ppo_models, hp, policy_optimizer=ADAMW, critic_optimizer=ADAMW)
     )
-    s1, m1 = update(state, frozen, rollout, jax.random.PRNGKey(0))
+    r = np.random.default_rng(0)
+    ptx = {"input_ids": r.integers(3, _tiny.VOCAB, (2, 10)).astype(np.int32),
+           "attention_mask": np.ones((2, 10), np.int32), "loss_mask": np.ones((2, 10), np.int32)}  # fmt: skip
+    s1, m1 = update(state, frozen, rollout, jax.random.PRNGKey(0), ptx)
     assert float(m1["policy_updated"]) == 0.0
+    assert float(m1["ptx_loss"]) > np.log(_tiny.VOCAB) / 4  # the pretraining NLL of random tokens
     chex.assert_trees_all_equal(s1.policy, policy)  # warm-up: the policy, its Adam moments and EMA stay
     chex.assert_trees_all_equal(s1.ema.params, policy)
     assert all(float(jnp.max(jnp.abs(x))) == 0 for x in jax.tree.leaves(s1.policy_opt[1][0].mu))
     assert float(jnp.max(jnp.abs(s1.critic["head"]["kernel"] - critic["head"]["kernel"]))) > 0
     ema_before = S.copy(s1.ema.params)
-    s2, m2 = update(s1, frozen, rollout, jax.random.PRNGKey(1))
+    s2, m2 = update(s1, frozen, rollout, jax.random.PRNGKey(1), ptx)
     assert float(m2["policy_updated"]) == 1.0
     assert (
         max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), s2.policy, policy))) > 0
     )
+    assert rl.export_policy(s2) is s2.ema.params
     # one optimizer step: ema = 0.5 * ema + 0.5 * params
     chex.assert_trees_all_close(
         s2.ema.params, jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, ema_before, s2.policy)
