@@ -410,12 +410,18 @@ def _adapter_shardings(spec: Any, mesh: Mesh | None):
 
 
 def load_stage(
-    directory: str | os.PathLike, *, mesh: Mesh | None = None, dtype: Any = None, extras: tuple[str, ...] = ()
+    directory: str | os.PathLike,
+    *,
+    mesh: Mesh | None = None,
+    dtype: Any = None,
+    extras: tuple[str, ...] = (),
+    base: Any = None,
 ) -> StageCheckpoint:
     """Read a stage checkpoint. With ``mesh``, params (and adapters) are restored sharded by their logical
     axes and extras replicated on it; ``dtype`` casts floating params on restore; ``extras`` names the
     pytree extras to load (every ``*.json`` extra is always read). A checkpoint that recorded its base
-    (``base.json``) loads that base (see :func:`load_base`)."""
+    (``base.json``) loads that base (see :func:`load_base`), unless the caller already holds it: ``base``
+    = those params (e.g. PPO's policy base under a LoRA reward model), used as they are, not copied."""
     from jaxrlhf import lora as lora_lib
     from jaxrlhf import models
 
@@ -425,16 +431,20 @@ def load_stage(
         raise FileNotFoundError(f"{path}: not a stage checkpoint (no spec.json)")
     with open(spec_file) as f:
         spec = models.ModelSpec.from_json(f.read())
-    base = None
     if os.path.isdir(os.path.join(path, "params")):
+        base = None
         p_sh = None
         if mesh is not None:
             p_sh = sharding.named_shardings(models.param_axes(spec), mesh, models.abstract_params(spec))
         params = _restore_tree(os.path.join(path, "params"), p_sh, dtype, mesh)
     elif os.path.isfile(os.path.join(path, "base.json")):
+        held = base
         with open(os.path.join(path, "base.json")) as f:
             base = json.load(f)
-        base_spec, params = load_base(base, mesh=mesh, dtype=dtype, where=path)
+        if held is not None:
+            base_spec, params = spec, held
+        else:
+            base_spec, params = load_base(base, mesh=mesh, dtype=dtype, where=path)
         if base_spec != spec:
             raise ValueError(f"{path}: its recorded base {base['path']} has a different model spec")
     else:

@@ -18,46 +18,24 @@ import pytest
 
 from jaxrlhf import data, lora, reward_model, sharding, train
 from jaxrlhf.assets import tiny
-from jaxrlhf.config import load_config
-from jaxrlhf.stages import rm, sft
+from jaxrlhf.stages import rm
+from tests.stages._tiny_stages import RM_STEPS, rm_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SFT_YAML = os.path.join(ROOT, "configs", "tiny", "sft.yaml")
-RM_YAML = os.path.join(ROOT, "configs", "tiny", "rm.yaml")
 PREFS = tiny.asset_path("prefs.jsonl")
-SFT_STEPS, RM_STEPS = 100, 300  # the RM reads arithmetic through features the SFT stage learned
-
-
-def _shared(tmp_path_factory) -> list[str]:
-    base = tmp_path_factory.getbasetemp()  # the same tokenizer cache as tests/stages/test_sft.py
-    return [f"tokenizer.cache_dir={base / 'tiny_tokenizer'}", f"data.cache_dir={base / 'tiny_data_cache'}"]
 
 
 @pytest.fixture(scope="module")
-def sft_stage(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("rm_sft")
-    overrides = [
-        f"output_dir={out}", f"optim.total_steps={SFT_STEPS}", "optim.warmup_steps=10",
-        "train.eval_every=1000", "train.progress=false", "train.tensorboard=false", "samples.num=0",
-        "export.hf=false",
-        *_shared(tmp_path_factory),
-    ]  # fmt: skip
-    return sft.run(load_config(sft.SFTConfig, SFT_YAML, overrides)).stage_dir
+def sft_stage(tiny_sft) -> str:
+    return tiny_sft.stage_dir  # tests/stages/conftest.py: the session's short tiny SFT stage
 
 
 def _rm_config(out, sft_stage, tmp_path_factory, *extra: str) -> rm.RMConfig:
-    overrides = [
-        f"output_dir={out}", f"model.path={sft_stage}", f"optim.total_steps={RM_STEPS}",
-        f"train.eval_every={RM_STEPS // 2}", "train.progress=false", "train.tensorboard=false",
-        f"data.cache_dir={tmp_path_factory.getbasetemp() / 'tiny_data_cache'}",
-        *extra,
-    ]  # fmt: skip
-    return load_config(rm.RMConfig, RM_YAML, overrides)
+    return rm_config(out, sft_stage, tmp_path_factory, *extra)
 
 
 @pytest.fixture(scope="module")
-def full_run(sft_stage, tmp_path_factory):
-    return rm.run(_rm_config(tmp_path_factory.mktemp("rm_full"), sft_stage, tmp_path_factory))
+def full_run(tiny_rm):
+    return tiny_rm  # the tiny RM config (RM_STEPS) on that stage, shared with the RL stage tests
 
 
 def _read_jsonl(path):
