@@ -11,13 +11,19 @@
 - after each step offers the state (and ``batches.state()`` when the batch source has it) to
   ``ckpt_manager.save`` (which saves on its interval), and always saves at the end;
 - on SIGINT / SIGTERM finishes the current step, saves a final checkpoint and returns with
-  ``interrupted=True`` (the run resumes from there); a second Ctrl-C raises KeyboardInterrupt at once.
+  ``interrupted=True`` (the run resumes from there); a second Ctrl-C raises KeyboardInterrupt at once;
+- counts the steps that the step function skipped for a non-finite loss or gradient (its ``skipped``
+  metric, see :func:`jaxrlhf.train.step.make_train_step`): each is logged with its step, the running total is
+  the ``nonfinite_skipped`` metric, and ``max_nonfinite_steps`` of them in a row stop the run with
+  :class:`DivergenceError` *before* anything more is saved, so the newest checkpoint is the last one written
+  before the streak (a skipped step leaves the params unchanged, so every checkpoint holds finite weights).
 
 Metrics are fetched from the device only at log points, so steps queue without host syncs in between.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import threading
@@ -30,6 +36,30 @@ import numpy as np
 
 from jaxrlhf.train.metrics import MetricsWriter, to_python
 from jaxrlhf.train.state import TrainState
+
+logger = logging.getLogger("jaxrlhf.train")
+
+
+class DivergenceError(RuntimeError):
+    """``max_nonfinite_steps`` steps in a row had a non-finite loss or gradient; the run was stopped.
+
+    Attributes: ``steps`` (the skipped steps of the streak, 1-based), ``checkpoint`` (newest checkpoint step
+    on disk, or None)."""
+
+    def __init__(self, steps: list[int], checkpoint: int | None, directory: str | None):
+        self.steps, self.checkpoint = steps, checkpoint
+        where = (
+            f"the last good checkpoint is step {checkpoint} in {directory}"
+            if checkpoint is not None
+            else "no checkpoint was written yet"
+        )
+        super().__init__(
+            f"training diverged: the loss or gradient was NaN/inf at {len(steps)} steps in a row "
+            f"(steps {steps[0]}-{steps[-1]}); each was skipped (params unchanged) and the run stopped; "
+            f"{where}. "
+            "Lower optim.lr, set optim.clip_norm, check the data rows of those steps, or use a wider "
+            "compute dtype, then rerun (the run resumes from that checkpoint)"
+        )
 
 
 class LoopResult(NamedTuple):
@@ -105,8 +135,12 @@ def train_loop(
     peak_flops: float | None = None,
     progress: bool = True,
     handle_signals: bool = True,
+    max_nonfinite_steps: int = 3,
 ) -> LoopResult:
-    """Run steps until ``state.step == total_steps``; see the module docstring."""
+    """Run steps until ``state.step == total_steps``; see the module docstring.
+
+    ``max_nonfinite_steps``: this many skipped (non-finite) steps in a row raise :class:`DivergenceError`
+    (0 = never stop; skips are still counted)."""
     step = int(jax.device_get(state.step))
     it = iter(batches)
     loader_state = getattr(batches, "state", None)
@@ -119,6 +153,7 @@ def train_loop(
 
         bar = tqdm(total=total_steps, initial=step, dynamic_ncols=True, leave=False)
     last, last_eval, pending = {}, {}, None
+    skipped_total, streak = 0, []
     t0, tokens, steps_in_window = time.perf_counter(), 0, 0
     try:
         while step < total_steps and not flag.stop:
@@ -131,8 +166,26 @@ def train_loop(
             step += 1
             steps_in_window += 1
             pending = metrics
+            if "skipped" in metrics and float(jax.device_get(metrics["skipped"])) > 0:
+                skipped_total += 1
+                streak.append(step)
+                logger.warning(
+                    "step %d: non-finite loss or gradient (loss %s, grad_norm %s): update skipped "
+                    "(%d in a row, %d in all)",
+                    step,
+                    float(jax.device_get(metrics.get("loss", float("nan")))),
+                    float(jax.device_get(metrics.get("grad_norm", float("nan")))),
+                    len(streak),
+                    skipped_total,
+                )
+                if max_nonfinite_steps and len(streak) >= max_nonfinite_steps:
+                    raise _diverged(streak, ckpt_manager)
+            else:
+                streak = []
             if step % log_every == 0 or step == total_steps:
                 m = to_python(jax.device_get(pending))  # syncs: the window's steps are done
+                if "skipped" in m:
+                    m["nonfinite_skipped"] = float(skipped_total)
                 dt = time.perf_counter() - t0
                 m["step_time"] = dt / steps_in_window
                 m["tokens_per_s"] = tokens / dt
@@ -163,6 +216,14 @@ def train_loop(
         if bar is not None:
             bar.close()
     return LoopResult(state, last, last_eval, flag.stop)
+
+
+def _diverged(streak: list[int], ckpt_manager: Any) -> DivergenceError:
+    latest, directory = None, None
+    if ckpt_manager is not None:
+        ckpt_manager.wait()  # a save in flight completes (it holds the unchanged, finite params)
+        latest, directory = ckpt_manager.latest_step(), getattr(ckpt_manager, "directory", None)
+    return DivergenceError(list(streak), latest, directory)
 
 
 def _run_eval(eval_fn, state, step, writer) -> dict:

@@ -23,6 +23,13 @@ forward, a reward model) can keep using the same arrays after the step.
 
 ``param_compute_dtype`` casts the trainable params once per step (before the micro-batch scan) so a bf16
 forward works on f32 master weights; the gradient flows back through the cast in f32.
+
+Divergence guard (``skip_nonfinite=True``, the default): when the loss or the gradient norm is not finite
+(NaN / inf in any micro-batch), the step keeps the params and optimizer state it was given, advances
+``step`` and the RNG (the batch is consumed, the schedule moves on) and reports ``skipped = 1.0`` (else
+``0.0``) in its metrics; :func:`jaxrlhf.train.loop.train_loop` counts the skips and stops the run after
+``max_nonfinite_steps`` of them in a row. A finite step is the unguarded update (up to float rounding:
+XLA fuses the select into the update, which may reorder it by an ulp).
 """
 
 from __future__ import annotations
@@ -65,8 +72,12 @@ def make_train_step(
     grad_accum: int = 1,
     schedule: Callable[[jax.Array], jax.Array] | None = None,
     param_compute_dtype: Any = None,
+    skip_nonfinite: bool = True,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
-    """Pure ``step(state, batch, frozen=None) -> (state, metrics)``; jit it with :func:`jit_train_step`."""
+    """Pure ``step(state, batch, frozen=None) -> (state, metrics)``; jit it with :func:`jit_train_step`.
+
+    ``skip_nonfinite``: a step whose loss or gradient is not finite leaves params and optimizer state as they
+    were and reports ``metrics["skipped"] = 1.0`` (see the module docstring)."""
 
     def step(state: TrainState, batch: Any, frozen: Any = None) -> tuple[TrainState, dict]:
         rng, step_rng = jax.random.split(state.rng)
@@ -117,12 +128,21 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics["grad_norm"] = optax.tree.norm(grads)
+        if skip_nonfinite:
+            finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+            params, opt_state = where_tree(finite, (params, opt_state), (state.params, state.opt_state))
+            metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
         new_state = TrainState(state.step + 1, params, opt_state, rng)
         return new_state, metrics
 
     return step
+
+
+def where_tree(ok: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where the scalar ``ok`` holds, else ``old`` (leafwise ``jnp.where``; fuses into the update)."""
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
 def batch_shardings(batch: Any, mesh: Mesh, grad_accum: int = 1) -> Any:
