@@ -30,7 +30,7 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -102,7 +102,7 @@ class DPOConfig:
     output_dir: str | None = None
     model: ModelConfig = ModelConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
-    optim: train_lib.OptimConfig = train_lib.OptimConfig(lr=5e-7, schedule="linear", warmup_steps=10)
+    optim: train_lib.OptimConfig = train_lib.OptimConfig(lr=1e-6, schedule="linear", warmup_steps=10)
     lora: lora_lib.LoraConfig | None = None
     train: DPOTrainConfig = DPOTrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -120,34 +120,41 @@ class DPOResult(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------- log-probs
-def _seq2seq_view(ids, attn, loss_mask, eos: int, pad: int, start: int):
-    """A decoder-only pair row ``[prompt, completion]`` -> T5 tensors (all ``[N, T]``): encoder ids
-    ``prompt + EOS`` (the seq2seq format's inputs), decoder inputs ``[start] + labels[:-1]``, labels = the
-    completion (with its EOS), and their mask."""
+def _seq2seq_view(ids, attn, loss_mask, *, eos: int, pad: int, start: int, prefix_len: int):
+    """Decoder-only pair rows ``[prefix, prompt, completion]`` -> the seq2seq format's T5 tensors (all
+    ``[N, T]``): encoder ids ``prompt + EOS`` (the tokenizer's ``prefix_len`` BOS-like tokens dropped),
+    decoder inputs ``[start] + labels[:-1]``, labels = the completion (with its EOS), and their masks."""
     t = jnp.arange(ids.shape[1])[None, :]
-    p = jnp.sum(attn * (1 - loss_mask), axis=1, keepdims=True)  # prompt length
+    p = jnp.sum(attn * (1 - loss_mask), axis=1, keepdims=True) - prefix_len  # prompt length
     c = jnp.sum(loss_mask, axis=1, keepdims=True)  # completion length
-    enc = jnp.where(t < p, ids, jnp.where(t == p, eos, pad))
-    labels = jnp.take_along_axis(ids, jnp.minimum(t + p, ids.shape[1] - 1), axis=1)
+
+    def shifted(k):  # ids[:, t + k] (clipped at the end)
+        return jnp.take_along_axis(ids, jnp.minimum(t + k, ids.shape[1] - 1), axis=1)
+
+    enc = jnp.where(t < p, shifted(prefix_len), jnp.where(t == p, eos, pad))
     dec_mask = (t < c).astype(jnp.int32)
-    labels = jnp.where(dec_mask > 0, labels, pad)
+    labels = jnp.where(dec_mask > 0, shifted(p + prefix_len), pad)
     dec_in = jnp.concatenate([jnp.full_like(labels[:, :1], start), labels[:, :-1]], axis=1)
     return enc, (t <= p).astype(jnp.int32), dec_in, dec_mask, labels
 
 
-def pair_logps(spec: models.ModelSpec, params: dict, batch: dict, **forward_kwargs: Any):
+def pair_logps(spec: models.ModelSpec, params: dict, batch: dict, *, prefix_len: int = 0, **forward_kwargs):
     """``(logps [2B], counts [2B])``: summed completion log-probs and completion token counts of the chosen
-    rows then the rejected rows of a preference batch, from one forward pass over ``[2B, T]``."""
+    rows then the rejected rows of a preference batch, from one forward pass over ``[2B, T]``.
+
+    T5 reads the rows as the seq2seq format would (``prefix_len``: tokens the tokenizer puts before every
+    text, ``len(tokenizer.prefix_ids)``, which the encoder does not see)."""
     cat = {
         k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0)
         for k in ("input_ids", "attention_mask", "loss_mask")
     }
     ids, attn, mask = cat["input_ids"], cat["attention_mask"], cat["loss_mask"]
     if spec.is_encoder_decoder:
-        eos = spec.eos_token_ids[0]
         pad = spec.pad_token_id if spec.pad_token_id is not None else 0
         start = spec.decoder_start_token_id if spec.decoder_start_token_id is not None else pad
-        enc, enc_mask, dec_in, dec_mask, labels = _seq2seq_view(ids, attn, mask, eos, pad, start)
+        enc, enc_mask, dec_in, dec_mask, labels = _seq2seq_view(
+            ids, attn, mask, eos=spec.eos_token_ids[0], pad=pad, start=start, prefix_len=prefix_len
+        )
         out = models.forward(
             spec, params, enc, enc_mask, decoder_input_ids=dec_in, decoder_attention_mask=dec_mask,
             **forward_kwargs,
@@ -173,30 +180,34 @@ def _forward_kwargs(cfg: DPOConfig, lora_config, adapters, rng) -> dict:
     )
 
 
-def make_loss_fn(spec: models.ModelSpec, cfg: DPOConfig, lora_config: lora_lib.LoraConfig | None):
+def make_loss_fn(
+    spec: models.ModelSpec, cfg: DPOConfig, lora_config: lora_lib.LoraConfig | None, *, prefix_len: int = 0
+):
     """``loss_fn(trainable, frozen, batch, rng) -> (loss, metrics)`` for the train step.
 
     LoRA: ``trainable`` = adapters, ``frozen`` = the base (also the on-the-fly reference). Full fine-tuning:
     ``trainable`` = params, ``frozen`` = the reference weights (on the fly) or None (precomputed: the batch
     carries ``ref_chosen_logps`` / ``ref_rejected_logps``). An optional ``pair_mask`` [B] marks padding
-    pairs of an eval batch. Metrics carry ``weight`` = real pairs in the batch.
+    pairs of an eval batch. Metrics carry ``weight`` = real pairs in the batch. ``prefix_len``: see
+    :func:`pair_logps` (T5 only).
     """
     t = cfg.train
     reference_free = t.loss_type in REFERENCE_FREE
 
     def loss_fn(trainable, frozen, batch, rng):
         base, adapters = (frozen, trainable) if lora_config is not None else (trainable, None)
-        logps, counts = pair_logps(spec, base, batch, **_forward_kwargs(cfg, lora_config, adapters, rng))
+        kw = _forward_kwargs(cfg, lora_config, adapters, rng)
+        logps, counts = pair_logps(spec, base, batch, prefix_len=prefix_len, **kw)
         b = batch["chosen_input_ids"].shape[0]
         ref_c = ref_r = None
-        if reference_free:
-            pass
-        elif REF_COLUMNS[0] in batch:
+        if not reference_free and REF_COLUMNS[0] in batch:
             ref_c, ref_r = batch[REF_COLUMNS[0]], batch[REF_COLUMNS[1]]
-        else:
+        elif not reference_free:
             if frozen is None:
                 raise ValueError("DPO loss: no reference log-probs in the batch and no reference weights")
-            ref, _ = pair_logps(spec, frozen, batch, **_forward_kwargs(cfg, None, None, None))
+            ref, _ = pair_logps(
+                spec, frozen, batch, prefix_len=prefix_len, **_forward_kwargs(cfg, None, None, None)
+            )
             ref = jax.lax.stop_gradient(ref)
             ref_c, ref_r = ref[:b], ref[b:]
         pair_mask = batch.get("pair_mask")
@@ -229,13 +240,15 @@ def _padded_batches(ds, batch_size: int):
         yield batch, real
 
 
-def reference_logps(spec, params, ds, batch_size: int, mesh, *, compute_dtype=None) -> np.ndarray:
+def reference_logps(
+    spec, params, ds, batch_size: int, mesh, *, prefix_len=0, compute_dtype=None
+) -> np.ndarray:
     """``[N, 2]`` (chosen, rejected) summed completion log-probs of every pair of ``ds`` under ``params``,
     one jitted pass in order (every process computes all rows)."""
 
     @jax.jit
     def fn(p, batch):
-        logps, _ = pair_logps(spec, p, batch, compute_dtype=compute_dtype)
+        logps, _ = pair_logps(spec, p, batch, prefix_len=prefix_len, compute_dtype=compute_dtype)
         b = batch["chosen_input_ids"].shape[0]
         return jnp.stack([logps[:b], logps[b:]], axis=1)
 
@@ -248,7 +261,7 @@ def reference_logps(spec, params, ds, batch_size: int, mesh, *, compute_dtype=No
 
 
 def precompute_reference(
-    spec, params, ds, batch_size: int, mesh, *, cache_dir=None, key="", compute_dtype=None
+    spec, params, ds, batch_size: int, mesh, *, cache_dir=None, key="", prefix_len=0, compute_dtype=None
 ):
     """``ds`` (and ``ds.eval``) with the columns ``ref_chosen_logps`` / ``ref_rejected_logps`` added, from
     :func:`reference_logps`; with ``cache_dir`` the arrays are kept in ``<cache_dir>/<split>-<hash>.npy``
@@ -266,7 +279,9 @@ def precompute_reference(
             ref = np.load(path)
             logger.info("reference log-probs of the %s split from %s", split, path)
         else:
-            ref = reference_logps(spec, params, part, batch_size, mesh, compute_dtype=compute_dtype)
+            ref = reference_logps(
+                spec, params, part, batch_size, mesh, prefix_len=prefix_len, compute_dtype=compute_dtype
+            )
             if path is not None and jax.process_index() == 0:
                 os.makedirs(cache_dir, exist_ok=True)
                 np.save(path + ".tmp.npy", ref)
@@ -316,11 +331,13 @@ def run(config: DPOConfig) -> DPOResult:
     compute_dtype = common.dtype_of(config.model.compute_dtype)
     needs_ref = t.loss_type not in REFERENCE_FREE
     precompute = needs_ref and t.reference == "precompute"
+    prefix_len = len(r.tokenizer.prefix_ids)
     if precompute:  # from the starting weights, before any update (also on resume: same weights)
         key = json.dumps([r.base_ref, config.model.dtype, str(compute_dtype)]) if r.base_ref else ""
         ds = precompute_reference(
             spec, r.params, ds, t.reference_batch_size or dcfg.batch_size, r.mesh,
-            cache_dir=os.path.join(r.out, "reference"), key=key, compute_dtype=compute_dtype,
+            cache_dir=os.path.join(r.out, "reference"), key=key, prefix_len=prefix_len,
+            compute_dtype=compute_dtype,
         )  # fmt: skip
         if not _collate_keeps_reference(ds):
             precompute = False
@@ -336,7 +353,7 @@ def run(config: DPOConfig) -> DPOResult:
         frozen = jax.tree.map(lambda x: x.copy(), r.params) if needs_ref and not precompute else None
         trainable, t_axes = r.params, axes
     r.params = None  # the train state owns (and donates) the trainable weights now
-    loss_fn = make_loss_fn(spec, config, lcfg)
+    loss_fn = make_loss_fn(spec, config, lcfg, prefix_len=prefix_len)
     eval_fn = None
     if ds.eval is not None:
         eval_fn = make_eval_fn(loss_fn, ds.eval, dcfg.batch_size, t.eval_batches, r.mesh)
