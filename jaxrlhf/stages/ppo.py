@@ -295,8 +295,10 @@ def run(config: PPOConfig) -> PPOResult:
         _write_rollout_samples(r, rewards, last_rollout, stop_ids)
         b, ad = policy_tree(st)
         it = int(jax.device_get(st.step))
+        where = os.path.join(r.out, "samples", f"{it:06d}")
+        os.makedirs(where, exist_ok=True)
         return write_samples(
-            config.samples, os.path.join(r.out, "samples", f"{it:06d}"), spec, b, ad, lcfg, r.tokenizer,
+            config.samples, where, spec, b, ad, lcfg, r.tokenizer,
             dcfg, mesh, r.fold(3), compute_dtype=compute_dtype,
         )  # fmt: skip
 
