@@ -71,6 +71,14 @@ def load_model(path: str, dtype: Any) -> tuple[Any, Any, Any, Any, str]:
     if is_stage_checkpoint(path):
         from jaxrlhf import train
 
+        with open(os.path.join(path, "stage.json")) as f:
+            if json.load(f).get("stage") == "rm":
+                raise SystemExit(
+                    f"jaxrlhf generate: {path} is a reward-model checkpoint (it scores text, it does not "
+                    f"generate): score prompt/completion pairs with `jaxrlhf score --checkpoint {path} "
+                    "--pairs pairs.jsonl`, or generate from the policy's checkpoint (e.g. the SFT stage)"
+                )
+
         ckpt = train.load_stage(path, dtype=dtype)
         tok_dir = ckpt.tokenizer_dir if ckpt.tokenizer_dir is not None else os.path.join(path, "tokenizer")
         return ckpt.spec, ckpt.params, ckpt.lora, ckpt.lora_config, tok_dir
