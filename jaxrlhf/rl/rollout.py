@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any, NamedTuple
 
 import jax
@@ -345,19 +346,28 @@ def rollout(
     attention_impl: str = "plain",
     mesh: Any = None,
     kv_segments: int | None = None,
+    timings: dict | None = None,
 ) -> Rollout:
     """Sample ``sampling.n`` completions per prompt with the policy, then score them (module docstring).
+
+    ``timings``: a dict that receives ``generation_seconds`` (sampling, waited for) and ``scoring_seconds``
+    (host rewards + the scoring pass, waited for); None = no extra synchronisation.
 
     ``rm_stats``: ``(mean, std)`` that normalise the reward model's score (an array, e.g. the PPO state's
     running normaliser; no recompilation when it changes); default ``rewards.stats`` (reward_stats.json).
     The scoring temperature is ``sampling.temperature`` (1.0 when greedy).
     """
     policy = models_.policy
+    t_start = time.perf_counter()
     gen = generation.generate(
         policy.spec, policy.params, batch.prompt_ids, batch.prompt_mask, rng, sampling,
         lora=policy.lora, lora_config=policy.lora_config, compute_dtype=compute_dtype,
         attention_impl=attention_impl, mesh=mesh, kv_segments=kv_segments,
     )  # fmt: skip
+    if timings is not None:
+        jax.block_until_ready(gen.tokens)
+        t_gen = time.perf_counter()
+        timings["generation_seconds"] = t_gen - t_start
     stop_ids = sampling.stop_token_ids if sampling.stop_token_ids is not None else policy.spec.eos_token_ids
     host = rewards.host_inputs(
         gen, batch, sampling.n, encoder_decoder=policy.spec.is_encoder_decoder, stop_ids=stop_ids, mesh=mesh
@@ -386,6 +396,9 @@ def rollout(
         host.py_terms, stats,
     )  # fmt: skip
     logprobs, ref_logprobs, values, scores, ended, raw, terms = outs
+    if timings is not None:
+        jax.block_until_ready(scores)
+        timings["scoring_seconds"] = time.perf_counter() - t_gen
     return Rollout(
         prompt_ids=gen.prompt_ids,
         prompt_mask=gen.prompt_mask.astype(bool),

@@ -258,12 +258,11 @@ def run(config: PPOConfig) -> PPOResult:
         it = int(jax.device_get(st.step))
         key = jax.random.fold_in(r.fold(7), it)
         models_ = rl.rollout_models(pm, st.ppo, frozen, ref=ref)
-        t0 = time.perf_counter()
+        timings: dict = {}
         ro = rollout_lib.rollout(
             models_, rewards, batch, jax.random.fold_in(key, 0), sampling, rm_stats=rl.rm_stats(st.ppo),
-            compute_dtype=compute_dtype, attention_impl=impl, mesh=mesh,
+            compute_dtype=compute_dtype, attention_impl=impl, mesh=mesh, timings=timings,
         )  # fmt: skip
-        jax.block_until_ready(ro.scores)
         t1 = time.perf_counter()
         ptx_batch = next(ptx) if ptx is not None else None
         ppo_state, m = update(st.ppo, frozen, ro, jax.random.fold_in(key, 1), ptx_batch)
@@ -271,7 +270,7 @@ def run(config: PPOConfig) -> PPOResult:
         t2 = time.perf_counter()
         m = dict(m)
         m.update(
-            rollout_seconds=t1 - t0,
+            **timings,
             update_seconds=t2 - t1,
             stop_fraction=jnp.mean(ro.ended.astype(jnp.float32)),
             response_length=jnp.mean(ro.lengths.astype(jnp.float32)),

@@ -67,7 +67,16 @@ def test_rule_score_rises_with_the_reward_model_and_kl_stays_bounded(rm_run):
     assert recs[-1]["score_raw_mean"] > recs[0]["score_raw_mean"] + 0.5
     for r in recs:  # the first ratio of every rollout: the update recomputes exactly the rollout's log-probs
         assert abs(r["ratio_first"] - 1.0) <= 1e-5 and r["approx_kl_first"] <= 1e-5
-    for key in ("entropy", "clipfrac", "explained_variance", "kl_coef", "stop_fraction", "rollout_seconds"):
+    for key in (
+        "entropy",
+        "clipfrac",
+        "explained_variance",
+        "kl_coef",
+        "stop_fraction",
+        "generation_seconds",
+        "scoring_seconds",
+        "update_seconds",
+    ):
         assert np.isfinite(recs[-1][key]), key
     stage = train.load_stage(rm_run.stage_dir, extras=("value_head",))
     assert stage.stage_info["stage"] == "ppo" and stage.stage_info["iterations"] == 24
