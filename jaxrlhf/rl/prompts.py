@@ -89,6 +89,14 @@ def prompt_batch(
         width = bucket_for(longest, dataset.buckets) if longest <= dataset.buckets[-1] else longest
         ids = pad_left(rows, width, dataset.pad_token_id)
         mask = pad_left([[1] * len(r) for r in rows], width, 0)
+    if jax.process_count() > 1:  # each host bucketed its own rows: agree on one width for the global array
+        from jax.experimental import multihost_utils
+
+        width = int(np.max(multihost_utils.process_allgather(np.asarray(ids.shape[1]))))
+        if width > ids.shape[1]:
+            pad = width - ids.shape[1]
+            ids = np.pad(ids, ((0, 0), (pad, 0)), constant_values=dataset.pad_token_id)
+            mask = np.pad(mask, ((0, 0), (pad, 0)))
     index = np.asarray(batch["index"])
     raws = [dataset.raw[int(i)] for i in index]
     messages = [_chat_messages(r) for r in raws]
