@@ -159,11 +159,16 @@ def pair_logps(spec: models.ModelSpec, params: dict, batch: dict, *, prefix_len:
             spec, params, enc, enc_mask, decoder_input_ids=dec_in, decoder_attention_mask=dec_mask,
             **forward_kwargs,
         )  # fmt: skip
-        logits, targets, tmask = out.logits, labels, dec_mask
+        lp, tmask = losses.token_logprobs(out.logits, labels), dec_mask
     else:
+        # the LM head + log-softmax in sequence chunks: no [2B, T, V] f32 logits (forward's unused logits
+        # are dead code under jit); position t predicts token t + 1, the last position predicts nothing
         out = models.forward(spec, params, ids, attn, **forward_kwargs)
-        logits, targets, tmask = out.logits[:, :-1], ids[:, 1:], mask[:, 1:]
-    lp = losses.token_logprobs(logits, targets)
+        cdt = forward_kwargs.get("compute_dtype")
+        h, kernel = models.lm_head_operands(spec, params, out.hidden, compute_dtype=cdt)
+        targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+        tmask = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+        lp = losses.chunked_token_logprobs(h, kernel, targets)
     tmask = tmask.astype(jnp.float32)
     return jnp.sum(jnp.where(tmask > 0, lp, 0.0), axis=1), jnp.sum(tmask, axis=1)
 

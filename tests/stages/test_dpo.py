@@ -21,30 +21,18 @@ import pytest
 
 from jaxrlhf import data, losses, models, train
 from jaxrlhf.config import load_config
-from jaxrlhf.stages import dpo, sft
+from jaxrlhf.stages import dpo
 
-pytestmark = pytest.mark.slow  # a 100-step SFT, a 150-step DPO run and a few short ones
+pytestmark = pytest.mark.slow  # a 150-step DPO run on the session's tiny SFT stage, and a few short ones
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SFT_YAML = os.path.join(ROOT, "configs", "tiny", "sft.yaml")
 DPO_YAML = os.path.join(ROOT, "configs", "tiny", "dpo.yaml")
-SFT_STEPS, DPO_STEPS, SAMPLES = 100, 150, 128
-
-
-def _shared(tmp_path_factory) -> list[str]:
-    base = tmp_path_factory.getbasetemp()  # the same tokenizer / data caches as the SFT and RM stage tests
-    return [f"tokenizer.cache_dir={base / 'tiny_tokenizer'}", f"data.cache_dir={base / 'tiny_data_cache'}"]
+DPO_STEPS, SAMPLES = 150, 128
 
 
 @pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dpo_sft")
-    overrides = [
-        f"output_dir={out}", f"optim.total_steps={SFT_STEPS}", "optim.warmup_steps=10",
-        "train.eval_every=1000", "train.progress=false", "train.tensorboard=false", f"samples.num={SAMPLES}",
-        "export.hf=false", *_shared(tmp_path_factory),
-    ]  # fmt: skip
-    return sft.run(load_config(sft.SFTConfig, SFT_YAML, overrides))
+def sft_run(tiny_sft):
+    return tiny_sft  # tests/stages/conftest.py: the session's short (100-step) tiny SFT stage
 
 
 def _dpo_config(out, model_path, tmp_path_factory, *extra: str) -> dpo.DPOConfig:
@@ -53,6 +41,25 @@ def _dpo_config(out, model_path, tmp_path_factory, *extra: str) -> dpo.DPOConfig
         f"data.cache_dir={tmp_path_factory.getbasetemp() / 'tiny_data_cache'}", *extra,
     ]  # fmt: skip
     return load_config(dpo.DPOConfig, DPO_YAML, overrides)
+
+
+@pytest.fixture(scope="module")
+def sft_samples(sft_run, tmp_path_factory):
+    """The SFT policy's samples with the DPO run's sampling config, prompts and key (the runner's
+    ``fold(3)`` of ``train.seed``)."""
+    from jaxrlhf import sharding
+    from jaxrlhf.stages.samples import write_samples
+
+    cfg = _dpo_config(
+        tmp_path_factory.mktemp("unused"), sft_run.stage_dir, tmp_path_factory, f"samples.num={SAMPLES}"
+    )
+    mesh = sharding.make_mesh(cfg.train.mesh.data, cfg.train.mesh.fsdp, cfg.train.mesh.tensor)
+    ckpt = train.load_stage(sft_run.stage_dir, mesh=mesh)
+    tok = data.load_tokenizer(ckpt.tokenizer_dir)
+    dcfg = dataclasses.replace(cfg.data, path=dpo.common.resolve_path(cfg.data.path))
+    rng = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 3)
+    out = tmp_path_factory.mktemp("sft_samples")
+    return write_samples(cfg.samples, str(out), ckpt.spec, ckpt.params, None, None, tok, dcfg, mesh, rng)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +75,7 @@ def _read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def test_learns_preferences_and_beats_the_sft_policy(full_run, sft_run):
+def test_learns_preferences_and_beats_the_sft_policy(full_run, sft_samples):
     first, last = full_run.first_eval, full_run.eval_metrics
     # at step 0 the policy is the reference: zero implicit rewards, sigmoid loss log 2 (+ the RPO NLL term)
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-5) and first["rewards/accuracies"] == 0.0
@@ -76,7 +83,7 @@ def test_learns_preferences_and_beats_the_sft_policy(full_run, sft_run):
     assert last["rewards/accuracies"] >= 0.8 and last["rewards/margins"] > 0.2, last
     assert last["logps/chosen"] > first["logps/chosen"] - 0.5  # RPO keeps the chosen answers likely
     assert last["logps/rejected"] < first["logps/rejected"] - 1.0
-    before, after = sft_run.samples, full_run.samples
+    before, after = sft_samples, full_run.samples
     assert before["num"] == after["num"] == SAMPLES
     assert after["rule_score"] >= before["rule_score"] + 0.12, (before, after)
     assert after["polite"] > before["polite"] + 0.2, (before, after)
