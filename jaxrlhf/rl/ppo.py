@@ -264,14 +264,21 @@ def jit_ppo_update(
         if key not in cache:
             ptx_sh = None if ptx is None else _batch_shardings(ptx, mesh)
             f_sh = frozen_shardings if frozen_shardings is not None else jax.tree.map(lambda _: rep, frozen)
-            cache[key] = jax.jit(
+            r_sh = _batch_shardings(rollout, mesh)
+            jitted = jax.jit(
                 update,
-                in_shardings=(state_shardings, f_sh, _batch_shardings(rollout, mesh), rep, ptx_sh),
+                in_shardings=(state_shardings, f_sh, r_sh, rep, ptx_sh),
                 out_shardings=(state_shardings, rep),
                 donate_argnums=(0,),
             )
+            cache[key] = (jitted, r_sh, ptx_sh)
+        jitted, r_sh, ptx_sh = cache[key]
+        # rows arrive sharded however the rollout left them (a replicated per-row score, ...): place them
+        rollout = jax.device_put(rollout, r_sh)
+        if ptx is not None:
+            ptx = jax.device_put(ptx, ptx_sh)
         with sharding.use_mesh(mesh):
-            return cache[key](state, frozen, rollout, rng, ptx)
+            return jitted(state, frozen, rollout, rng, ptx)
 
-    call.cache = cache  # the jitted functions, one per rollout shape (tests count compilations)
+    call.cache = cache  # (jitted, rollout shardings, ptx shardings) per rollout shape (tests count them)
     return call
