@@ -50,6 +50,9 @@ def collate(examples: list[dict[str, Any]], dataset) -> dict[str, np.ndarray]:
             batch[f"{side}_attention_mask"] = pad_right([[1] * len(x) for x in ids], T, 0)
             batch[f"{side}_loss_mask"] = pad_right([e[f"{side}_loss_mask"] for e in examples], T, 0)
         batch["margin"] = np.asarray([e["margin"] for e in examples], np.float32)
+        for name in ("ref_chosen_logps", "ref_rejected_logps"):  # DPO's precomputed reference log-probs
+            if name in examples[0]:
+                batch[name] = np.asarray([e[name] for e in examples], np.float32)
         return batch
     if kind == "prompt":
         ids = [e["prompt_ids"] for e in examples]

@@ -42,7 +42,7 @@ from jaxrlhf import train as train_lib
 from jaxrlhf.generation import SamplingConfig
 from jaxrlhf.losses._dpo import REFERENCE_FREE
 from jaxrlhf.stages import common, runner
-from jaxrlhf.stages.common import CheckpointConfig, ExportConfig, MeshConfig, ModelConfig, TokenizerConfig
+from jaxrlhf.stages.common import CheckpointConfig, ExportConfig, LoopConfig, ModelConfig, TokenizerConfig
 from jaxrlhf.stages.samples import SampleConfig, write_samples
 
 logger = logging.getLogger("jaxrlhf.dpo")
@@ -61,8 +61,9 @@ REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 @dataclasses.dataclass(frozen=True)
-class DPOTrainConfig:
-    """DPO hyper-parameters (see :func:`jaxrlhf.losses.dpo_loss`) and loop settings.
+class DPOTrainConfig(LoopConfig):
+    """DPO hyper-parameters (see :func:`jaxrlhf.losses.dpo_loss`) + the loop settings
+    (:class:`~jaxrlhf.stages.common.LoopConfig`).
 
     ``reference``: ``precompute`` or ``on_the_fly`` (module docstring; simpo needs none);
     ``reference_batch_size``: pairs per batch of the precompute pass (null = ``data.batch_size``);
@@ -76,13 +77,6 @@ class DPOTrainConfig:
     rpo_alpha: float = 0.0
     reference: Literal["precompute", "on_the_fly"] = "precompute"
     reference_batch_size: int | None = None
-    eval_every: int = 100
-    eval_batches: int | None = None
-    log_every: int = 10
-    seed: int = 0
-    mesh: MeshConfig = MeshConfig()
-    tensorboard: bool = True
-    progress: bool = True
 
     def __post_init__(self):
         if self.loss_type not in losses.DPO_LOSS_TYPES:
@@ -321,10 +315,6 @@ def make_eval_fn(loss_fn, eval_ds, batch_size: int, max_batches: int | None, mes
     return eval_fn
 
 
-def _collate_keeps_reference(ds) -> bool:
-    return REF_COLUMNS[0] in data.collate([ds.data[0]], ds)
-
-
 def run(config: DPOConfig) -> DPOResult:
     """Run the DPO stage end to end (module docstring); resumes from ``checkpoints/`` when present."""
     r = runner.start(config, "dpo")
@@ -344,12 +334,6 @@ def run(config: DPOConfig) -> DPOResult:
             cache_dir=os.path.join(r.out, "reference"), key=key, prefix_len=prefix_len,
             compute_dtype=compute_dtype,
         )  # fmt: skip
-        if not _collate_keeps_reference(ds):
-            precompute = False
-            logger.warning(
-                "data.collate drops the ref_* columns: training batches use the reference on the fly "
-                "(eval uses the precomputed values)"
-            )
     axes = models.param_axes(spec)
     if lcfg is not None:
         adapters = lora_lib.init(spec, r.params, lcfg, r.fold(1), dtype=common.dtype_of(config.model.dtype))
