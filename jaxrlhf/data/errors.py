@@ -36,6 +36,10 @@ def _rebuild_error(reason, file, row, field):
     return DataError(reason, file=file, row=row, field=field)
 
 
+class TokenizerError(DataError):
+    """A tokenizer directory or file that cannot be used (corrupt, truncated, or asking to run code)."""
+
+
 class TemplateError(DataError):
     """A chat template that cannot produce a correct assistant-token mask for a conversation."""
 

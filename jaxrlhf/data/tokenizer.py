@@ -22,6 +22,11 @@ Pad-token policy (``pad_policy``) for tokenizers without a pad token (Llama, GPT
 
 A tokenizer that has a pad token keeps it, whatever the policy.
 
+Nothing in a tokenizer directory runs: ``trust_remote_code`` is off unless the caller turns it on, so a
+``tokenizer_config.json`` whose ``auto_map`` points at a Python file is refused with a message (never a
+``[y/N]`` question on the terminal, which would hang a batch job); the JSON files are checked before
+transformers reads them, and a truncated or corrupt file is a :class:`TokenizerError` that names it.
+
 BOS / EOS per family: ``prefix_ids`` / ``suffix_ids`` are what the tokenizer itself puts around one sequence
 (Llama 2/3: BOS before; OPT: ``</s>`` before; T5: EOS after; GPT-2 / BLOOM: nothing). The data layer starts
 every decoder-only sequence with ``prefix_ids`` and ends completions with ``eos_token_id`` (the model must
@@ -35,6 +40,8 @@ import os
 import shutil
 from collections.abc import Sequence
 from typing import Any
+
+from jaxrlhf.data.errors import TokenizerError
 
 PAD_POLICIES = ("eos", "unk", "add", "error")
 
@@ -231,6 +238,57 @@ def _is_sentencepiece(path: str) -> bool:
         return False
 
 
+_HF_JSON_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        size = os.path.getsize(path)
+        raise TokenizerError(
+            f"invalid JSON ({e}; {size} bytes): the file is truncated or corrupt", file=path
+        ) from None
+    if not isinstance(value, dict):
+        raise TokenizerError(f"expected a JSON object, got {type(value).__name__}", file=path)
+    return value
+
+
+def _load_hf(path: str, trust_remote_code: bool):
+    """``AutoTokenizer.from_pretrained`` offline, with trust_remote_code explicit (never a prompt) and errors
+    that name the file."""
+    from transformers import AutoTokenizer
+
+    configs = {
+        name: _read_json(os.path.join(path, name))
+        for name in _HF_JSON_FILES
+        if os.path.isfile(os.path.join(path, name))
+    }
+    auto_map = configs.get("tokenizer_config.json", {}).get("auto_map")
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        if auto_map and not trust_remote_code and "trust_remote_code" in str(e):
+            raise TokenizerError(
+                f"auto_map {auto_map} asks to run Python code from the tokenizer directory; jaxrlhf runs no "
+                "code from model files unless told to: read that code, then set tokenizer.trust_remote_code="
+                "true (load_tokenizer(..., trust_remote_code=True)), or use a directory with a built-in "
+                "tokenizer_class",
+                file=os.path.join(path, "tokenizer_config.json"),
+            ) from None
+        sp = os.path.join(path, "tokenizer.model")
+        if "tokenizer.json" not in configs and os.path.isfile(sp) and not _is_sentencepiece(sp):
+            raise TokenizerError(
+                f"not a readable SentencePiece model ({os.path.getsize(sp)} bytes): truncated or corrupt",
+                file=sp,
+            ) from None
+        raise TokenizerError(
+            f"cannot load the tokenizer ({type(e).__name__}: {e}); files: {sorted(os.listdir(path))}",
+            file=path,
+        ) from None
+
+
 def load_tokenizer(
     path: str,
     *,
@@ -238,8 +296,12 @@ def load_tokenizer(
     chat_template: str | None = None,
     tiktoken_pattern: str = LLAMA3_PATTERN,
     tiktoken_special_tokens: Sequence[str] = LLAMA3_SPECIAL_TOKENS,
+    trust_remote_code: bool = False,
 ) -> Tokenizer:
     """Load a local tokenizer (see the module docstring for the layouts and the pad policy).
+
+    ``trust_remote_code``: let transformers import the Python files that ``tokenizer_config.json``'s
+    ``auto_map`` names (off: such a directory is refused with a :class:`TokenizerError`; never a prompt).
 
     ``chat_template``: a template name (``"llama-2"``, ``"llama-3"``, ``"chatml"``, ``"alpaca"``,
     ``"plain"``), a Jinja string, or a ``.jinja`` file; None keeps the tokenizer's own template
@@ -261,8 +323,7 @@ def load_tokenizer(
         ranks_path = path
     elif os.path.exists(os.path.join(path, _TIKTOKEN_META)):
         ranks_path = os.path.join(path, "tokenizer.tiktoken")
-        with open(os.path.join(path, _TIKTOKEN_META)) as f:
-            meta.update(json.load(f))
+        meta.update(_read_json(os.path.join(path, _TIKTOKEN_META)))
     elif not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
         for name in ("tokenizer.tiktoken", "tokenizer.model"):
             candidate = os.path.join(path, name)
@@ -276,7 +337,9 @@ def load_tokenizer(
         try:
             encoding = _tiktoken_encoding(ranks_path, meta["pattern"], meta["special_tokens"])
         except Exception as e:
-            raise ValueError(f"{ranks_path}: not a tiktoken BPE ranks file ({e})") from e
+            raise TokenizerError(
+                f"not a tiktoken BPE ranks file ({type(e).__name__}: {e})", file=ranks_path
+            ) from None
         meta["ranks_path"] = ranks_path
         specials = meta["special_tokens"]
         tok = Tokenizer(
@@ -291,9 +354,7 @@ def load_tokenizer(
             meta=meta,
         )
     else:
-        from transformers import AutoTokenizer
-
-        hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        hf = _load_hf(path, trust_remote_code)
         tok = Tokenizer(
             path=path,
             hf=hf,

@@ -2,8 +2,16 @@
 
 ``load_pretrained`` reads ``config.json`` and the safetensors file(s) tensor by tensor, converts each tensor
 through the family's :class:`~jaxrlhf.models.weights.WeightSpec` list and, given a mesh, places it straight
-onto its ``NamedSharding`` (each device receives only its slice). ``save_pretrained`` writes a directory that
-``transformers.AutoModelForCausalLM.from_pretrained`` loads (sharded with an index past ``max_shard_size``).
+onto its ``NamedSharding`` (each device receives only its slice).
+
+Nothing in a model directory runs: weights are read from safetensors only (raw tensors plus a JSON header),
+never unpickled — a directory holding only pickle files (``pytorch_model.bin``, ``*.pt`` ...) is refused
+with the command that converts it (:class:`PickleCheckpointError`). A truncated or corrupt file (a safetensors
+header that does not parse or does not cover the file, an index naming a missing shard, a tensor that
+cannot be read) is a :class:`CheckpointError` naming the file and what is wrong.
+
+``save_pretrained`` writes a directory that ``transformers.AutoModelForCausalLM.from_pretrained`` loads
+(sharded with an index past ``max_shard_size``); each file is written under a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -19,11 +27,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from jaxrlhf import sharding
 from jaxrlhf.models import hf_maps
-from jaxrlhf.models.spec import ModelSpec, load_hf_config
+from jaxrlhf.models.spec import ConfigError, ModelSpec, load_hf_config
 from jaxrlhf.models.weights import WeightSpec
 
 _ST_DTYPES = {
@@ -42,7 +50,30 @@ _NP_TO_ST = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
 class CheckpointError(ValueError):
-    """A checkpoint whose tensors do not fit the model (names the tensor, the file and the shapes)."""
+    """A checkpoint whose tensors do not fit the model (names the tensor, the file and the shapes), or a
+    weights file that is truncated or corrupt (names the file)."""
+
+
+class PickleCheckpointError(CheckpointError):
+    """A model directory whose weights exist only as pickle files, which jaxrlhf never loads (unpickling a
+    file runs the code inside it)."""
+
+
+PICKLE_PATTERNS = ("pytorch_model*.bin", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+CONVERT_HINT = (
+    'convert it once, where you trust the file, with: python -c "import transformers; '
+    "m = transformers.AutoModelForCausalLM.from_pretrained('{src}', use_safetensors=False); "
+    "m.save_pretrained('{dst}', safe_serialization=True)\" (AutoModelForSeq2SeqLM for T5), copy the "
+    "tokenizer files along, and load the new directory"
+)
+
+
+def _corrupt(path: str, what: str) -> CheckpointError:
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    return CheckpointError(
+        f"{path}: {what} ({size} bytes on disk): the file is truncated or corrupt; download or export it "
+        "again"
+    )
 
 
 def hf_weight_specs(spec: ModelSpec) -> list[WeightSpec]:
@@ -69,7 +100,12 @@ class _Reader:
 
     def __init__(self, path: str):
         self.path = path
-        self._f = safe_open(path, framework="np")
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: weights file missing (named by the model's safetensors index)")
+        try:
+            self._f = safe_open(path, framework="np")
+        except SafetensorError as e:
+            raise _corrupt(path, f"not a readable safetensors file ({e})") from None
         self.names = list(self._f.keys())
         self._raw: dict[str, Any] | None = None
 
@@ -77,6 +113,12 @@ class _Reader:
         return tuple(self._f.get_slice(name).get_shape())
 
     def get(self, name: str) -> np.ndarray:
+        try:
+            return self._get(name)
+        except (SafetensorError, OSError, ValueError, KeyError) as e:
+            raise _corrupt(self.path, f"cannot read tensor {name!r} ({type(e).__name__}: {e})") from None
+
+    def _get(self, name: str) -> np.ndarray:
         if self._f.get_slice(name).get_dtype() != "BF16":
             return self._f.get_tensor(name)
         # numpy has no bfloat16: read the raw bytes (memory-mapped) and view them through ml_dtypes
@@ -90,6 +132,35 @@ class _Reader:
         base = self._raw["base"]
         buf = self._raw["mm"][base + start : base + end]
         return np.array(buf.view(ml_dtypes.bfloat16).reshape(info["shape"]))
+
+
+# config.json keys (any family) that must be positive integers / numbers when present and not null
+_POSITIVE_INT_KEYS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "intermediate_size", "head_dim", "max_position_embeddings", "n_embd", "n_layer", "n_head", "n_positions",
+    "n_inner", "ffn_dim", "word_embed_proj_dim", "d_model", "d_ff", "d_kv", "num_layers", "num_heads",
+    "num_decoder_layers", "relative_attention_num_buckets", "relative_attention_max_distance",
+)  # fmt: skip
+_NOT_NULL_KEYS = {
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "n_embd", "n_layer", "n_head",
+    "d_model", "num_layers", "num_heads", "d_ff", "d_kv",
+}  # fmt: skip
+_NUMBER_KEYS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta", "initializer_range")
+
+
+def check_hf_config(config: dict, where: str) -> None:
+    """Refuse a ``config.json`` whose sizes are not positive integers (or whose epsilons / rope base are not
+    numbers), naming the file and the key, before any array is shaped from them."""
+    for key in _POSITIVE_INT_KEYS:
+        v = config.get(key)
+        if v is None and not (key in config and key in _NOT_NULL_KEYS):
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ConfigError(f"{where}: key {key!r} must be a positive integer, got {v!r}")
+    for key in _NUMBER_KEYS:
+        v = config.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ConfigError(f"{where}: key {key!r} must be a number, got {v!r}")
 
 
 def _resolve_dir(path: str | os.PathLike) -> str:
@@ -107,15 +178,40 @@ def _resolve_dir(path: str | os.PathLike) -> str:
     )
 
 
+def _index_files(index: str) -> list[str]:
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except json.JSONDecodeError as e:
+        raise _corrupt(index, f"invalid JSON ({e})") from None
+    except (KeyError, TypeError, AttributeError):
+        raise _corrupt(index, "not a safetensors index (no 'weight_map' mapping of tensor -> file)") from None
+    bad = [f for f in files if not isinstance(f, str) or os.path.isabs(f) or ".." in f.split("/")]
+    if bad:
+        raise CheckpointError(f"{index}: weight_map names files outside the directory: {bad[:3]}")
+    return files
+
+
 def _open_files(path: str) -> list[_Reader]:
+    import glob
+
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        return [_Reader(os.path.join(path, fn)) for fn in files]
+        return [_Reader(os.path.join(path, fn)) for fn in _index_files(index)]
     if os.path.isfile(single):
         return [_Reader(single)]
+    pickles = sorted(
+        {os.path.basename(f) for pat in PICKLE_PATTERNS for f in glob.glob(os.path.join(path, pat))}
+    )
+    if pickles:
+        src = os.path.abspath(path).rstrip("/")
+        raise PickleCheckpointError(
+            f"{path}: weights only as pickle files ({', '.join(pickles[:4])}); jaxrlhf reads safetensors "
+            "only and never unpickles a file (loading a pickle runs the code inside it). "
+            + CONVERT_HINT.format(src=src, dst=src + "-safetensors")
+        )
     raise FileNotFoundError(
         f"{path}: no model.safetensors or model.safetensors.index.json (safetensors only)"
     )
@@ -150,7 +246,14 @@ def load_pretrained(
     from jaxrlhf.models import abstract_params, param_axes
 
     path = _resolve_dir(path)
-    spec = ModelSpec.from_hf_config(load_hf_config(path), source=os.path.join(path, "config.json"))
+    hf_config = load_hf_config(path)
+    if not isinstance(hf_config, dict):
+        raise ConfigError(
+            f"{os.path.join(path, 'config.json')}: expected a JSON object of model settings, got "
+            f"{type(hf_config).__name__}"
+        )
+    check_hf_config(hf_config, os.path.join(path, "config.json"))
+    spec = ModelSpec.from_hf_config(hf_config, source=os.path.join(path, "config.json"))
     readers = _open_files(path)
     where = {name: r for r in readers for name in r.names}
     if spec.is_encoder_decoder:  # T5 config.json may misstate head tying; the tensors decide
@@ -235,11 +338,17 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
         offset += x.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for x in tensors.values():
-            f.write(np.ascontiguousarray(x).tobytes())
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for x in tensors.values():
+                f.write(np.ascontiguousarray(x).tobytes())
+        os.replace(tmp, path)  # a crash or a full disk never leaves a truncated file under the final name
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 _TORCH_DTYPE = {
