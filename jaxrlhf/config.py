@@ -8,7 +8,11 @@ A stage declares its config as a tree of frozen dataclasses (``SFTConfig(model=M
       configs/tiny/sft.yaml: unknown key 'optim.lrr' (did you mean 'optim.lr'?)
 
 - a wrong type is an error naming the key and the expected type (``key 'train.steps' expects int, got str
-  'ten'``); a missing required field is an error naming it.
+  'ten'``); a missing required field is an error naming it; a string that is not one of a ``Literal``'s
+  choices gets the closest choice.
+- a key whose value came from ``--set`` is blamed on that argument, not on the YAML file
+  (``--set optim.lr=abc: key 'optim.lr' expects float, got str 'abc'``); so is a section's own check
+  (``__post_init__``) that names a key set on the command line.
 - override values are YAML scalars (``--set train.steps=10``, ``--set lora=null``,
   ``--set data.files=[a.jsonl,b.jsonl]``); an override of a key inside an optional section that the file set
   to null (``--set lora.rank=8``) creates that section with its defaults.
@@ -51,11 +55,43 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         source = os.fspath(path)
         raw = read_yaml(source)
         check_keys(cls, raw, source)
+    origins: dict[str, str] = {}
     for item in overrides:
         keys, value = parse_override(item)
         check_key_path(cls, keys, f"--set {item}")
         raw = set_path(raw, keys, value)
-    return from_dict(cls, raw, source)
+        dotted = ".".join(keys)
+        origins = {k: v for k, v in origins.items() if not (k == dotted or k.startswith(dotted + "."))}
+        origins[dotted] = f"--set {item}"
+    return from_dict(cls, raw, Sources(source, origins) if origins else source)
+
+
+class Sources(str):
+    """The config's source (the YAML file) that also knows which keys came from ``--set``: ``of(key)`` is
+    the ``--set`` argument that set ``key`` (or a section above it), else the file."""
+
+    overrides: dict[str, str]
+
+    def __new__(cls, source: str, overrides: dict[str, str]):
+        obj = super().__new__(cls, source)
+        obj.overrides = dict(overrides)
+        return obj
+
+    def of(self, key: str) -> str:
+        best = None
+        for k, arg in self.overrides.items():
+            if key == k or key.startswith((k + ".", k + "[")):
+                if best is None or len(k) > len(best[0]):
+                    best = (k, arg)
+        return best[1] if best else str(self)
+
+    def within(self, prefix: str) -> dict[str, str]:
+        """Overrides of keys inside the section ``prefix`` (dotted, ending in ``.``; "" = everything)."""
+        return {k: v for k, v in self.overrides.items() if k.startswith(prefix)}
+
+
+def _of(source: str, key: str) -> str:
+    return source.of(key) if isinstance(source, Sources) else source
 
 
 def read_yaml(path: str) -> dict[str, Any]:
@@ -148,7 +184,7 @@ def _unknown(cls: type, key: str, prefix: str, source: str) -> ConfigError:
     names = list(_fields(cls))
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
     hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"
-    return ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
+    return ConfigError(f"{_of(source, prefix + key)}: unknown key '{prefix}{key}'{hint}")
 
 
 def check_keys(cls: type, raw: Mapping[str, Any], source: str, prefix: str = "") -> None:
@@ -189,7 +225,9 @@ def from_dict(cls: type[T], raw: Mapping[str, Any], source: str = "<dict>", pref
     """Build the dataclass ``cls`` from a mapping, converting and checking every field."""
     if not isinstance(raw, Mapping):
         name = prefix[:-1] or "<top level>"
-        raise ConfigError(f"{source}: key '{name}' expects a mapping ({cls.__name__}), got {_show(raw)}")
+        raise ConfigError(
+            f"{_of(source, name)}: key '{name}' expects a mapping ({cls.__name__}), got {_show(raw)}"
+        )
     check_keys(cls, raw, source, prefix)
     fields, hints = _fields(cls), _hints(cls)
     kwargs = {}
@@ -198,17 +236,31 @@ def from_dict(cls: type[T], raw: Mapping[str, Any], source: str = "<dict>", pref
         if name in raw:
             kwargs[name] = _convert(hints[name], raw[name], source, key)
         elif field.default is _MISSING and field.default_factory is _MISSING:
-            raise ConfigError(f"{source}: missing required key '{key}' ({_type_name(hints[name])})")
+            raise ConfigError(f"{_of(source, key)}: missing required key '{key}' ({_type_name(hints[name])})")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         where = f"section '{prefix[:-1]}'" if prefix else "config"
-        raise ConfigError(f"{source}: invalid {where}: {e}") from e
+        raise ConfigError(f"{_blame(source, prefix, str(e))}: invalid {where}: {e}") from e
+
+
+def _blame(source: str, prefix: str, message: str) -> str:
+    """Who to name for a section's own check: the ``--set`` argument of a key of that section that the
+    message mentions, else the file (with the section's overrides, if any)."""
+    if not isinstance(source, Sources):
+        return source
+    inside = source.within(prefix)
+    named = [arg for k, arg in inside.items() if k[len(prefix) :].split(".")[0] in message]
+    if len(named) == 1:
+        return named[0]
+    if inside:
+        return f"{source} with {', '.join(inside.values())}"
+    return str(source)
 
 
 def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
     def fail() -> ConfigError:
-        return ConfigError(f"{source}: key '{key}' expects {_type_name(tp)}, got {_show(value)}")
+        return ConfigError(f"{_of(source, key)}: key '{key}' expects {_type_name(tp)}, got {_show(value)}")
 
     if tp is Any:
         return value
@@ -232,7 +284,12 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
     if origin is typing.Literal:
         if value in args:
             return value
-        raise ConfigError(f"{source}: key '{key}' expects one of {list(args)}, got {_show(value)}")
+        choices = [a for a in args if isinstance(a, str)]
+        close = difflib.get_close_matches(value, choices, n=1, cutoff=0.5) if isinstance(value, str) else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(
+            f"{_of(source, key)}: key '{key}' expects one of {list(args)}, got {_show(value)}{hint}"
+        )
     if tp is bool:
         if isinstance(value, bool):
             return value

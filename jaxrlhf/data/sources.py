@@ -5,8 +5,9 @@ Local files are loaded one by one so that an error can name the file and the row
 is used whatever its name; a directory selects the files of a split by name (``train.jsonl``,
 ``train-00000.parquet``, ``train/part.csv``); when no file names a split, every file belongs to ``train``.
 When ``datasets`` cannot read a JSON-lines or CSV file (invalid UTF-8, invalid JSON, lone surrogates), the
-file is scanned line by line to name the bad row; under ``on_bad_row="skip"`` the bad lines of a JSON-lines
-file are marked and then skipped (and counted) like any bad row. Streaming reads check these files up front.
+file is scanned line by line to name every bad row (up to ``errors.MAX_REPORTED``, in one error); under
+``on_bad_row="skip"`` the bad lines of a JSON-lines file are marked and then skipped (and counted) like any
+bad row. Streaming reads check these files up front.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import os
 import tempfile
 
-from jaxrlhf.data.errors import DataError
+from jaxrlhf.data.errors import MAX_REPORTED, DataError, bad_rows_error
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 BAD_ROW_REASON, BAD_ROW_FIELD = "__jaxrlhf_bad_row__", "__jaxrlhf_bad_field__"
@@ -96,14 +97,15 @@ def _scan_lines(path: str) -> tuple[list[bytes], list[tuple[int, str, str | None
             continue
         try:
             text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            bad.append((row if jsonl else i, f"invalid UTF-8 (byte {e.start} of line {i + 1})", None))
+        except UnicodeDecodeError as e:  # JSON lines: the error's location names the line
+            where = f"byte {e.start}" if jsonl else f"byte {e.start} of line {i + 1}"
+            bad.append((row if jsonl else i, f"invalid UTF-8 ({where})", None))
         else:
             if jsonl:
                 try:
                     found = _string_problem(json.loads(text))
                 except json.JSONDecodeError as e:
-                    found = (f"invalid JSON ({e.msg}, line {i + 1})", None)
+                    found = (f"invalid JSON ({e.msg} at column {e.colno})", None)
                 if found:
                     bad.append((row, *found))
         row += 1
@@ -133,8 +135,11 @@ def _load_file(datasets, file: str, streaming: bool, cache_dir, on_bad_row: str)
         raise DataError(f"cannot read the file ({type(error).__name__}: {error})", file=file) from error
     row, reason, field = bad[0]
     jsonl = file.endswith(".jsonl")
-    if on_bad_row != "skip" or not jsonl:
-        raise DataError(reason, file=file, row=row if jsonl else None, field=field)
+    if not jsonl:
+        raise DataError(reason, file=file, field=field)
+    if on_bad_row != "skip":  # every unreadable line at once (up to MAX_REPORTED)
+        errors = [DataError(r, file=file, row=i, field=f) for i, r, f in bad[:MAX_REPORTED]]
+        raise bad_rows_error(errors, len(bad))
     # a copy with each bad line replaced by a marker row, so row numbers stay those of the file and the
     # tokenizing step skips (and counts) the marked rows like any other bad row
     bad_rows, kept, r = {b[0]: b[1:] for b in bad}, [], 0
