@@ -86,11 +86,42 @@ def _string_problem(value, field: str | None = None) -> tuple[str, str | None] |
     return None
 
 
+def _kind(value) -> str | None:
+    """The JSON type of a value as Arrow sees a column (ints and floats are one kind); None for null."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, dict):
+        return "object"
+    inner = next((_kind(v) for v in value if v is not None), None)
+    return "list" if inner is None else f"list of {inner}"
+
+
+def _type_problem(value, row: int, kinds: dict) -> tuple[str, str | None] | None:
+    """A row that is not a JSON object, or a field whose type differs from the same field in an earlier row
+    (one column holds one type); ``kinds`` records ``field -> (kind, first row)``."""
+    if not isinstance(value, dict):
+        return f"expected a JSON object per line, got {type(value).__name__}", None
+    for field, v in value.items():
+        k = _kind(v)
+        if k is None:
+            continue
+        seen = kinds.setdefault(field, (k, row))
+        if seen[0] != k and not (k.startswith("list") and seen[0] == "list" or seen[0].startswith(k)):
+            return f"holds a {k} here but a {seen[0]} in row {seen[1]} (a column holds one type)", field
+    return None
+
+
 def _scan_lines(path: str) -> tuple[list[bytes], list[tuple[int, str, str | None]]]:
     """Lines of a JSON-lines / CSV file and its bad rows ``(row, reason, field)`` (rows = non-blank lines)."""
     with open(path, "rb") as f:
         lines = f.read().split(b"\n")
-    bad, row = [], 0
+    bad, row, kinds = [], 0, {}
     jsonl = path.endswith(".jsonl")
     for i, line in enumerate(lines):
         if jsonl and not line.strip():
@@ -103,13 +134,27 @@ def _scan_lines(path: str) -> tuple[list[bytes], list[tuple[int, str, str | None
         else:
             if jsonl:
                 try:
-                    found = _string_problem(json.loads(text))
+                    value = json.loads(text)
+                    found = _string_problem(value) or _type_problem(value, row, kinds)
                 except json.JSONDecodeError as e:
                     found = (f"invalid JSON ({e.msg} at column {e.colno})", None)
                 if found:
                     bad.append((row, *found))
         row += 1
     return lines, bad
+
+
+def _first_line_not_object(path: str) -> bool:
+    """Whether the first non-blank line of a JSON-lines file is something other than an object; such files
+    are scanned by :func:`_scan_lines` instead of handed to ``datasets`` (pyarrow 26 segfaults on a file that
+    starts with a ``null`` line)."""
+    if not path.endswith(".jsonl"):
+        return False
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                return not line.lstrip().startswith(b"{")
+    return False
 
 
 def _load_file(datasets, file: str, streaming: bool, cache_dir, on_bad_row: str):
@@ -119,6 +164,8 @@ def _load_file(datasets, file: str, streaming: bool, cache_dir, on_bad_row: str)
         )
 
     try:
+        if _first_line_not_object(file):
+            raise DataError("the first row is not a JSON object", file=file)
         ds = load(file)
         if not streaming:
             return ds
@@ -137,9 +184,12 @@ def _load_file(datasets, file: str, streaming: bool, cache_dir, on_bad_row: str)
     jsonl = file.endswith(".jsonl")
     if not jsonl:
         raise DataError(reason, file=file, field=field)
+    errors = [DataError(r, file=file, row=i, field=f) for i, r, f in bad[:MAX_REPORTED]]
     if on_bad_row != "skip":  # every unreadable line at once (up to MAX_REPORTED)
-        errors = [DataError(r, file=file, row=i, field=f) for i, r, f in bad[:MAX_REPORTED]]
         raise bad_rows_error(errors, len(bad))
+    if len(bad) == sum(1 for line in lines if line.strip()):
+        first = bad_rows_error(errors, len(bad))
+        raise DataError(f"no readable row, nothing to skip to: {first}", file=file, hint=False)
     # a copy with each bad line replaced by a marker row, so row numbers stay those of the file and the
     # tokenizing step skips (and counts) the marked rows like any other bad row
     bad_rows, kept, r = {b[0]: b[1:] for b in bad}, [], 0
