@@ -97,11 +97,17 @@ def _of(source: str, key: str) -> str:
 def read_yaml(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: config file not found")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    with open(path, "rb") as f:
+        blob = f.read()
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = blob[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}, line {line})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
