@@ -157,3 +157,35 @@ def test_zero_disables_the_stop():
         state, step, _Source(set(range(1, 7))), total_steps=6, progress=False, max_nonfinite_steps=0
     )
     chex.assert_trees_all_equal(jax.device_get(result.state.params), jax.device_get(_setup()[0].params))
+
+
+@pytest.mark.slow
+def test_a_diverging_stage_stops_with_the_message(tmp_path):
+    """``jaxrlhf sft`` with a learning rate that blows the weights up: the first update is finite, the next
+    steps' losses are not, so the run stops after 3 skips in a row, naming the steps and the checkpoint."""
+    import subprocess
+
+    import _chaos
+
+    out = tmp_path / "run"
+    cmd = _chaos.command(
+        "sft",
+        os.path.join(_chaos.ROOT, "configs/tiny/sft.yaml"),
+        [
+            "optim.lr=1e30", "optim.warmup_steps=0", "optim.schedule=constant", "optim.total_steps=8",
+            "checkpoint.every=1", "train.eval_every=100", "train.log_every=1", "train.progress=false",
+            "samples.num=0", "export.hf=false", f"output_dir={out}",
+            f"tokenizer.cache_dir={tmp_path / 'tok'}",
+        ],
+    )  # fmt: skip
+    p = subprocess.run(
+        cmd, env=_chaos.env(str(tmp_path / "cache")), capture_output=True, text=True, timeout=300
+    )
+    log = p.stdout + p.stderr
+    assert p.returncode != 0, log[-3000:]
+    assert "training diverged: the loss or gradient was NaN/inf at 3 steps in a row" in log, log[-3000:]
+    assert "update skipped (1 in a row" in log
+    assert not os.path.isdir(out / "stage")
+    steps = sorted(int(n) for n in os.listdir(out / "checkpoints") if n.isdigit())
+    assert steps and max(steps) < 8
+    assert f"last good checkpoint is step {max(steps)}" in log
