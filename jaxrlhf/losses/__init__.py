@@ -9,7 +9,16 @@ from ._chunked import chunked_sft_loss, chunked_token_logprobs
 from ._dpo import DPO_LOSS_TYPES, dpo_loss
 from ._entropy import token_entropy
 from ._gae import gae
-from ._grpo import GRPO_LOSS_AGGREGATIONS, grpo_advantages, grpo_loss
+from ._grpo import (
+    GRPO_LOSS_AGGREGATIONS,
+    GRPO_LOSS_TYPES,
+    group_reward_std,
+    grpo_advantages,
+    grpo_aggregate,
+    grpo_loss,
+    grpo_token_terms,
+    rloo_advantages,
+)
 from ._kl import (
     KL_ESTIMATORS,
     KLController,
@@ -27,6 +36,7 @@ from ._sft import sft_loss, token_logprobs
 __all__ = [
     "DPO_LOSS_TYPES",
     "GRPO_LOSS_AGGREGATIONS",
+    "GRPO_LOSS_TYPES",
     "KL_ESTIMATORS",
     "KLController",
     "KLControllerState",
@@ -41,8 +51,11 @@ __all__ = [
     "dpo_loss",
     "fixed_kl_controller",
     "gae",
+    "group_reward_std",
     "grpo_advantages",
+    "grpo_aggregate",
     "grpo_loss",
+    "grpo_token_terms",
     "kl_penalty",
     "masked_mean",
     "masked_sum",
@@ -54,6 +67,7 @@ __all__ = [
     "ppo_value_loss",
     "ppo_value_terms",
     "reward_loss",
+    "rloo_advantages",
     "running_reward_normalizer",
     "seeded_reward_stats",
     "sft_loss",

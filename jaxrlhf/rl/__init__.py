@@ -82,3 +82,26 @@ __all__ = [
     "rm_stats",
     "rollout_models",
 ]
+from jaxrlhf.rl.grpo import (  # noqa: E402
+    GRPOHyperParams,
+    GRPOState,
+    group_advantages,
+    grpo_rollout_models,
+    grpo_state_shardings,
+    init_grpo_state,
+    jit_grpo_update,
+    make_grpo_loss,
+    make_grpo_update,
+)
+
+__all__ += [
+    "GRPOHyperParams",
+    "GRPOState",
+    "group_advantages",
+    "grpo_rollout_models",
+    "grpo_state_shardings",
+    "init_grpo_state",
+    "jit_grpo_update",
+    "make_grpo_loss",
+    "make_grpo_update",
+]
