@@ -9,7 +9,7 @@ for a few checkpoints, ``train.log_every=1`` (the step trigger reads ``metrics.j
 :data:`EXTRAS` when the stage checkpoint carries pytrees beside the params.
 
 Per stage: one uninterrupted run, then the same command is started, SIGKILLed, and started again, once for
-each kill of :func:`kills` (a random step plus a random delay, the next async checkpoint write in flight, the
+each kill of :func:`kills` (the first async checkpoint write in flight, a random step plus a random delay, the
 stage save in flight), and once more to the end. Checked: each kill that waited for a
 partial directory found it still there after the kill; every restart after a kill resumed from the newest
 checkpoint complete at the kill (the log's "resumed from ... at step N"), never a partial one; the final stage
@@ -73,9 +73,9 @@ SEED = 15
 
 def kills(rng: random.Random, total_steps: int) -> list[_chaos.Kill]:
     """The kills of one stage, in order (seeded)."""
-    return [
-        _chaos.Kill("step", at=rng.randint(1, total_steps - 1), delay=rng.uniform(0.0, 0.3)),
+    return [  # the checkpoint kill first: a fresh run writes every checkpoint, so it has the most chances
         _chaos.Kill("checkpoint_tmp"),
+        _chaos.Kill("step", at=rng.randint(1, total_steps - 1), delay=rng.uniform(0.0, 0.3)),
         _chaos.Kill("stage_tmp"),
     ]
 
