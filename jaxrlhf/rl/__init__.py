@@ -85,6 +85,7 @@ __all__ = [
 from jaxrlhf.rl.grpo import (  # noqa: E402
     GRPOHyperParams,
     GRPOState,
+    RLOOHyperParams,
     group_advantages,
     grpo_rollout_models,
     grpo_state_shardings,
@@ -97,6 +98,7 @@ from jaxrlhf.rl.grpo import (  # noqa: E402
 __all__ += [
     "GRPOHyperParams",
     "GRPOState",
+    "RLOOHyperParams",
     "group_advantages",
     "grpo_rollout_models",
     "grpo_state_shardings",

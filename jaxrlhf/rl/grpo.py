@@ -126,6 +126,17 @@ class GRPOHyperParams:
         return self.num_minibatches * self.grad_accum
 
 
+@dataclasses.dataclass(frozen=True)
+class RLOOHyperParams(GRPOHyperParams):
+    """:class:`GRPOHyperParams` with TRL ``RLOOConfig``'s defaults: leave-one-out advantages, the
+    sequence-level ``rloo`` loss, ``beta = 0.05`` (a k1 penalty in the reward), two samples per prompt."""
+
+    advantage: str = "rloo"
+    loss_type: str = "rloo"
+    beta: float = 0.05
+    num_generations: int = 2
+
+
 class GRPOState(NamedTuple):
     step: jax.Array  # int32 []: optimizer steps
     iteration: jax.Array  # int32 []: updates (one per rollout)
