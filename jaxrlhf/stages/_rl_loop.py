@@ -274,14 +274,17 @@ def run_loop(
         first_eval = eval_fn(state)
         if writer is not None:
             writer.write(0, {f"eval/{k}": v for k, v in first_eval.items()})
-    result = train_lib.train_loop(
-        state, step_fn, batches, total_steps=config.train.iterations,
-        eval_fn=eval_fn if config.samples.num > 0 else None, eval_every=config.train.eval_every,
-        ckpt_manager=mgr, writer=writer, log_every=config.train.log_every,
-        tokens_fn=lambda b: rows * (int(np.shape(b.prompt_ids)[1]) + sampling.max_new_tokens),
-        progress=config.train.progress and common.is_primary(),
-    )  # fmt: skip
-    mgr.close()
+    try:
+        result = train_lib.train_loop(
+            state, step_fn, batches, total_steps=config.train.iterations,
+            eval_fn=eval_fn if config.samples.num > 0 else None, eval_every=config.train.eval_every,
+            ckpt_manager=mgr, writer=writer, log_every=config.train.log_every,
+            tokens_fn=lambda b: rows * (int(np.shape(b.prompt_ids)[1]) + sampling.max_new_tokens),
+            progress=config.train.progress and common.is_primary(),
+            max_nonfinite_steps=config.train.max_nonfinite_steps,
+        )  # fmt: skip
+    finally:
+        mgr.close()  # pending async saves finish, also when the loop raises (divergence)
     state, it = result.state, int(jax.device_get(result.state.step))
     trained = runner.Trained(
         state, result.last_metrics, result.eval_metrics, first_eval, result.interrupted, writer

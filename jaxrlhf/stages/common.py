@@ -48,13 +48,16 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
     """``path``: an HF tokenizer directory, or ``tiny`` (a SentencePiece model trained on first use from the
-    bundled corpus, cached in ``cache_dir`` or ``<run dir>/tokenizer``); null = the model directory's own."""
+    bundled corpus, cached in ``cache_dir`` or ``<run dir>/tokenizer``); null = the model directory's own.
+    ``trust_remote_code``: allow a tokenizer whose ``auto_map`` names Python files to import them (off:
+    refused with a message; never a prompt)."""
 
     path: str | None = None
     pad_policy: Literal["eos", "unk", "add", "error"] = "eos"
     chat_template: str | None = None
     tiny_vocab_size: int = 320
     cache_dir: str | None = None
+    trust_remote_code: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +74,9 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
     """The ``train`` section's loop settings shared by the stages (each stage's own section adds to it).
-    ``eval_batches``: null = the whole eval split; ``mesh``: the device mesh; ``progress``: a progress bar."""
+    ``eval_batches``: null = the whole eval split; ``mesh``: the device mesh; ``progress``: a progress bar;
+    ``max_nonfinite_steps``: a non-finite loss / gradient skips the update, this many in a row stop the run
+    (the last good checkpoint kept; 0 = never stop)."""
 
     eval_every: int = 100
     eval_batches: int | None = None
@@ -80,6 +85,7 @@ class LoopConfig:
     mesh: MeshConfig = MeshConfig()
     tensorboard: bool = True
     progress: bool = True
+    max_nonfinite_steps: int = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +144,12 @@ def load_tokenizer(cfg: TokenizerConfig, model_path: str | None, out_dir: str):
         if model_path is None:
             raise ValueError("tokenizer.path is null and model.path is null: name a tokenizer (or 'tiny')")
         path = os.path.join(model_path, "tokenizer") if is_stage_checkpoint(model_path) else model_path
-    return data.load_tokenizer(resolve_path(path), pad_policy=cfg.pad_policy, chat_template=cfg.chat_template)
+    return data.load_tokenizer(
+        resolve_path(path),
+        pad_policy=cfg.pad_policy,
+        chat_template=cfg.chat_template,
+        trust_remote_code=cfg.trust_remote_code,
+    )
 
 
 def spec_from_config(spec: dict[str, Any], tokenizer) -> Any:
@@ -148,7 +159,16 @@ def spec_from_config(spec: dict[str, Any], tokenizer) -> Any:
     fields = {f.name for f in dataclasses.fields(ModelSpec)}
     unknown = sorted(set(spec) - fields)
     if unknown:
-        raise ValueError(f"model.spec: unknown ModelSpec field(s) {unknown}")
+        import difflib
+
+        from jaxrlhf.config import ConfigError
+
+        hints = [
+            f"{k!r}"
+            + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, fields, 1, 0.6)) else "")
+            for k in unknown
+        ]
+        raise ConfigError(f"model.spec: unknown ModelSpec field(s) {', '.join(hints)}")
     d = dict(spec)
     d.setdefault("vocab_size", tokenizer.vocab_size)
     d.setdefault("bos_token_id", tokenizer.bos_token_id)

@@ -364,22 +364,25 @@ def train(run: Run, t: Training, dataset: Any) -> Trained:
     flops = train_lib.flops_per_token(
         n_params, run.spec.num_layers, t.seq_len or dcfg.max_length, run.spec.hidden_size
     )
-    result = train_lib.train_loop(
-        state,
-        lambda s, b: step(s, b, t.frozen),
-        Batches(loader, mesh, optim.grad_accum),
-        total_steps=optim.total_steps,
-        eval_fn=(lambda s: eval_fn(s, t.frozen)) if eval_fn is not None else None,
-        eval_every=tcfg.eval_every,
-        ckpt_manager=mgr,
-        writer=writer,
-        log_every=tcfg.log_every,
-        tokens_fn=t.tokens_fn,
-        flops_per_token=flops,
-        peak_flops=train_lib.peak_flops(jax.devices()[0].device_kind),
-        progress=tcfg.progress and common.is_primary(),
-    )
-    mgr.close()
+    try:
+        result = train_lib.train_loop(
+            state,
+            lambda s, b: step(s, b, t.frozen),
+            Batches(loader, mesh, optim.grad_accum),
+            total_steps=optim.total_steps,
+            eval_fn=(lambda s: eval_fn(s, t.frozen)) if eval_fn is not None else None,
+            eval_every=tcfg.eval_every,
+            ckpt_manager=mgr,
+            writer=writer,
+            log_every=tcfg.log_every,
+            tokens_fn=t.tokens_fn,
+            flops_per_token=flops,
+            peak_flops=train_lib.peak_flops(jax.devices()[0].device_kind),
+            progress=tcfg.progress and common.is_primary(),
+            max_nonfinite_steps=tcfg.max_nonfinite_steps,
+        )
+    finally:
+        mgr.close()  # pending async saves finish, also when the loop raises (divergence)
     logger.info("train: %s; eval: %s", result.last_metrics, result.eval_metrics)
     if result.interrupted:
         logger.warning(

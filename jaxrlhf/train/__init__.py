@@ -25,6 +25,7 @@ in the state, not in train checkpoints). The stages wire all of this through :mo
 """
 
 from jaxrlhf.train.checkpoint import (
+    CheckpointCorruptError,
     CheckpointManager,
     CheckpointMismatchError,
     StageCheckpoint,
@@ -33,7 +34,7 @@ from jaxrlhf.train.checkpoint import (
     save_stage,
     weights_fingerprint,
 )
-from jaxrlhf.train.loop import LoopResult, default_tokens, evaluate, train_loop
+from jaxrlhf.train.loop import DivergenceError, LoopResult, default_tokens, evaluate, train_loop
 from jaxrlhf.train.metrics import MetricsWriter, flops_per_token, peak_flops, read_jsonl
 from jaxrlhf.train.optim import OptimConfig, decay_mask, make_optimizer, make_schedule
 from jaxrlhf.train.state import (
@@ -46,8 +47,10 @@ from jaxrlhf.train.state import (
 from jaxrlhf.train.step import batch_shardings, cast_floating, jit_train_step, make_eval_step, make_train_step
 
 __all__ = [
+    "CheckpointCorruptError",
     "CheckpointManager",
     "CheckpointMismatchError",
+    "DivergenceError",
     "LoopResult",
     "MetricsWriter",
     "StageCheckpoint",

@@ -47,6 +47,10 @@ from jaxrlhf import sharding
 from jaxrlhf.train.state import abstract_state
 
 
+class CheckpointCorruptError(ValueError):
+    """A checkpoint that cannot be read (truncated, corrupt); names its directory and the ways out."""
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint whose tree or shapes do not fit the run's model / state; names the first differences."""
 
@@ -128,6 +132,7 @@ class CheckpointManager:
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
             create=True,
+            cleanup_tmp_directories=True,  # partial checkpoints of a killed run are removed, never listed
         )
         self._mgr = ocp.CheckpointManager(self.directory, options=options)
 
@@ -164,19 +169,33 @@ class CheckpointManager:
         Raises :class:`CheckpointMismatchError` naming the differing keys when the saved tree does not fit.
         """
         where = os.path.join(self.directory, str(step))
-        meta = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        try:
+            meta = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:
+            raise self._corrupt(where, step, e) from e
         problem = _mismatch(meta, _describe(target), where)
         if problem:
             raise CheckpointMismatchError(problem)
         abstract = abstract_state(target, shardings)
         treedef = jax.tree.structure(abstract)
         flat = {f"{i:06d}": x for i, x in enumerate(jax.tree.leaves(abstract))}
-        out = self._mgr.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(flat), loader=ocp.args.JsonRestore()),
-        )
+        try:
+            out = self._mgr.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(flat), loader=ocp.args.JsonRestore()),
+            )
+        except Exception as e:
+            raise self._corrupt(where, step, e) from e
         leaves = [out["state"][k] for k in sorted(flat)]
         return jax.tree.unflatten(treedef, leaves), dict(out["loader"] or {})
+
+    def _corrupt(self, where: str, step: int, e: Exception) -> CheckpointCorruptError:
+        others = [s for s in self.all_steps() if s != step]
+        return CheckpointCorruptError(
+            f"{where}: the checkpoint is truncated or corrupt ({type(e).__name__}: {str(e)[:200]}); delete "
+            f"it to resume from {'step ' + str(others[-1]) if others else 'the start'}, or set "
+            "checkpoint.resume=false to start over"
+        )
 
     def restore_latest(self, target: Any, shardings: Any = None) -> tuple[Any, dict | None]:
         """Resume from the newest complete checkpoint; ``(target, None)`` unchanged when there is none."""
@@ -257,9 +276,25 @@ def _save_tree(path: str, tree: Any) -> None:
 
 def _tree_metadata(path: str) -> Any:
     ckptr = ocp.StandardCheckpointer()
-    meta = ckptr.metadata(path)
+    try:
+        meta = ckptr.metadata(path)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable Orbax tree ({type(e).__name__}: {str(e)[:300]})") from e
     tree = getattr(meta, "item_metadata", meta)
     return getattr(tree, "tree", tree)
+
+
+def _read(path: str, parse) -> Any:
+    """``parse(open file)``; a missing, truncated or malformed file is an error naming it."""
+    try:
+        with open(path) as f:
+            return parse(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing from the stage checkpoint") from None
+    except Exception as e:
+        raise ValueError(
+            f"{path}: unreadable ({type(e).__name__}: {e}); the stage checkpoint is damaged"
+        ) from e
 
 
 def _restore_tree(path: str, shardings: Any = None, dtype: Any = None, mesh: Mesh | None = None) -> Any:
@@ -279,6 +314,8 @@ def _restore_tree(path: str, shardings: Any = None, dtype: Any = None, mesh: Mes
     ckptr = ocp.StandardCheckpointer()
     try:
         return ckptr.restore(path, jax.tree.map(target, tree, shardings))
+    except Exception as e:
+        raise ValueError(f"{path}: could not restore ({type(e).__name__}: {str(e)[:300]})") from e
     finally:
         ckptr.close()
 
@@ -429,8 +466,7 @@ def load_stage(
     spec_file = os.path.join(path, "spec.json")
     if not os.path.isfile(spec_file):
         raise FileNotFoundError(f"{path}: not a stage checkpoint (no spec.json)")
-    with open(spec_file) as f:
-        spec = models.ModelSpec.from_json(f.read())
+    spec = _read(spec_file, lambda f: models.ModelSpec.from_json(f.read()))
     if os.path.isdir(os.path.join(path, "params")):
         base = None
         p_sh = None
@@ -439,8 +475,7 @@ def load_stage(
         params = _restore_tree(os.path.join(path, "params"), p_sh, dtype, mesh)
     elif os.path.isfile(os.path.join(path, "base.json")):
         held = base
-        with open(os.path.join(path, "base.json")) as f:
-            base = json.load(f)
+        base = _read(os.path.join(path, "base.json"), json.load)
         if held is not None:
             base_spec, params = spec, held
         else:
@@ -451,18 +486,15 @@ def load_stage(
         raise FileNotFoundError(f"{path}: stage checkpoint has neither params/ nor base.json")
     adapters = cfg = None
     if os.path.isdir(os.path.join(path, "lora")):
-        with open(os.path.join(path, "lora_config.json")) as f:
-            cfg = lora_lib.LoraConfig.from_json(f.read())
+        cfg = _read(os.path.join(path, "lora_config.json"), lambda f: lora_lib.LoraConfig.from_json(f.read()))
         adapters = _restore_tree(os.path.join(path, "lora"), _adapter_shardings(spec, mesh), None, mesh)
     sets = {}
     for fn in sorted(glob.glob(os.path.join(path, "adapters", "*.lora_config.json"))):
         name = os.path.basename(fn)[: -len(".lora_config.json")]
-        with open(fn) as f:
-            set_cfg = lora_lib.LoraConfig.from_json(f.read())
+        set_cfg = _read(fn, lambda f: lora_lib.LoraConfig.from_json(f.read()))
         tree = _restore_tree(os.path.join(path, "adapters", name), _adapter_shardings(spec, mesh), None, mesh)
         sets[name] = (tree, set_cfg)
-    with open(os.path.join(path, "stage.json")) as f:
-        info = json.load(f)
+    info = _read(os.path.join(path, "stage.json"), json.load)
     loaded: dict[str, Any] = {}
     for name in extras:
         if not os.path.isdir(os.path.join(path, name)):
@@ -471,8 +503,7 @@ def load_stage(
     for fn in sorted(glob.glob(os.path.join(path, "*.json"))):
         name = os.path.basename(fn)[:-5]
         if name not in ("spec", "stage", "lora_config", "base"):
-            with open(fn) as f:
-                loaded[name] = json.load(f)
+            loaded[name] = _read(fn, json.load)
     tok = os.path.join(path, "tokenizer")
     tok_dir = tok if os.path.isdir(tok) else None
     return StageCheckpoint(path, spec, params, adapters, cfg, tok_dir, info, loaded, base, sets)

@@ -248,11 +248,6 @@ def test_full_disk_during_an_hf_export_keeps_the_previous_file(hf_dir, tmp_path,
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs jaxrlhf/train/checkpoint.py (lead): CheckpointManager.restore wraps Orbax errors in an "
-    "error naming the step directory (today a bare JSONDecodeError / tensorstore error)",
-)
 def test_corrupt_train_checkpoint_names_the_step(tmp_path):
     mgr = train.CheckpointManager(tmp_path / "ck", save_interval_steps=1, async_save=False)
     mgr.save(_state(1.0, 1), {"step": 1})
@@ -267,11 +262,6 @@ def test_corrupt_train_checkpoint_names_the_step(tmp_path):
         fresh.restore_latest(_state(0.0, 0))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs jaxrlhf/train/checkpoint.py (lead): load_stage names the stage directory and file of a "
-    "truncated spec.json / stage.json / params tree (today a bare JSONDecodeError / Orbax error)",
-)
 def test_corrupt_stage_checkpoint_names_the_file(hf_dir, tok_dirs, tmp_path):
     _, params = models.load_pretrained(hf_dir)
     out = tmp_path / "stage"
