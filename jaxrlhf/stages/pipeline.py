@@ -195,7 +195,8 @@ class PipelineResult(NamedTuple):
 
 
 def _configured_steps(cfg: Any) -> int | None:
-    for section, key in (("optim", "total_steps"), ("train", "iterations"), ("train", "total_steps")):
+    # RL stages count iterations (train.iterations); the others optimizer steps
+    for section, key in (("train", "iterations"), ("train", "total_steps"), ("optim", "total_steps")):
         value = getattr(getattr(cfg, section, None), key, None)
         if isinstance(value, int):
             return value
@@ -230,10 +231,10 @@ def remove_half_made_run_dir(path: str, existed: bool) -> bool:
     return True
 
 
-def _record(out: str, times: dict) -> None:
+def _record(out: str, chain: tuple[str, ...], times: dict) -> None:
     from jaxrlhf.stages import common
 
-    common.write_json(os.path.join(out, "pipeline.json"), {"stages": times})
+    common.write_json(os.path.join(out, "pipeline.json"), {"chain": list(chain), "stages": times})
 
 
 def run(config: PipelineConfig) -> PipelineResult:
@@ -272,11 +273,12 @@ def run(config: PipelineConfig) -> PipelineResult:
         seconds = time.perf_counter() - t0
         prev = times.get(stage, {}).get("seconds", 0.0) if existed else 0.0
         times[stage] = {"seconds": prev + seconds, "finished": bool(result.stage_dir)}
-        _record(out, times)
+        _record(out, chain, times)
         outcomes[stage] = StageOutcome(stage, result.run_dir, result.stage_dir, seconds, False, result)
         if not result.stage_dir:
             logger.warning("%s interrupted: rerun the same command to resume it", stage)
             return PipelineResult(out, "", outcomes, True, "", {})
+    _record(out, chain, times)
     summary = report.write_report(out) if common.is_primary() else {}
     final = outcomes[chain[-1]].stage_dir
     return PipelineResult(out, final, outcomes, False, os.path.join(out, "report.md"), summary)

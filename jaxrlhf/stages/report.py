@@ -58,8 +58,16 @@ def _number(v: Any) -> float | None:
 
 
 def stages_of(run_dir: str) -> list[str]:
-    """The stage directories of a pipeline run, in pipeline order (the ones that exist)."""
-    return [s for s in STAGE_ORDER if os.path.isfile(os.path.join(run_dir, s, "metrics.jsonl"))]
+    """The stages of a pipeline run: the chain its last run recorded in ``pipeline.json``, else every stage
+    directory with metrics (in pipeline order)."""
+    present = [s for s in STAGE_ORDER if os.path.isfile(os.path.join(run_dir, s, "metrics.jsonl"))]
+    pj = os.path.join(run_dir, "pipeline.json")
+    if os.path.isfile(pj):
+        with open(pj) as f:
+            chain = json.load(f).get("chain")
+        if chain and all(s in present for s in chain):
+            return list(chain)
+    return present
 
 
 def read_stage(stage_dir: str) -> dict:
