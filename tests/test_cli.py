@@ -106,3 +106,52 @@ def test_distributed_initialization_from_environment(monkeypatch):
     )
     cli.init_distributed({})  # TPU pods: everything auto-detected
     assert calls == [dict(coordinator_address="10.0.0.2:1234", num_processes=4, process_id=3), {}]
+
+
+def test_stage_help_lists_every_key_with_type_default_and_doc(capsys):
+    from jaxrlhf import _cli_help
+    from jaxrlhf.stages import sft
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sft", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "jaxrlhf sft --config configs/tiny/sft.yaml" in out  # the example, as written
+    for key, tp, default, _ in _cli_help.config_rows(sft.SFTConfig):
+        assert f"  {key}" in out and f"{tp}, default {default}" in out, key
+    assert "optim.total_steps" in out and "int, default 1000" in out
+    assert "checkpoint.resume" in out and "Continue from the latest one" in out  # doc from the docstring
+    assert "``" not in out and ":class:" not in out  # no raw RST markup
+
+
+def test_user_errors_exit_2_and_leave_no_run_dir(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["rm", "--config", os.path.join(ROOT, "configs", "tiny", "rm.yaml"), "--set", f"output_dir={out}"]
+    assert cli.main([*args, "model.path=./no/such/stage"]) == 2
+    assert "model.path: ./no/such/stage does not exist" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_half_made_run_dir_removed_after_a_failed_run(tmp_path, capsys, monkeypatch):
+    from jaxrlhf.data.errors import DataError
+    from jaxrlhf.stages import sft
+
+    out = tmp_path / "run"
+
+    def failing_run(config):
+        os.makedirs(out)
+        (out / "config.yaml").write_text("x")
+        (out / "run.json").write_text("{}")
+        raise DataError("bad row", file="x.jsonl", row=3)
+
+    monkeypatch.setattr(sft, "run", failing_run)
+    assert cli.main(["sft", "--config", TINY, "--set", f"output_dir={out}"]) == 2
+    assert "bad row" in capsys.readouterr().err and not out.exists()
+
+
+def test_interrupted_stage_exits_130(tmp_path, capsys, monkeypatch):
+    from jaxrlhf.stages import sft
+
+    monkeypatch.setattr(sft, "run", lambda config: sft.SFTResult(str(tmp_path), "", {}, {}, {}, {}))
+    assert cli.main(["sft", "--config", TINY, "--set", f"output_dir={tmp_path}"]) == 130
+    assert "interrupted" in capsys.readouterr().err
