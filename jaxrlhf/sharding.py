@@ -228,3 +228,26 @@ def _current_mesh() -> Any:
 
 def is_fully_replicated(x: jax.Array) -> bool:
     return bool(x.sharding.is_fully_replicated)
+
+
+def host_array(tree: Any) -> Any:
+    """An array tree (possibly sharded over several hosts) as numpy on every process: arrays that are not
+    fully addressable are gathered (``process_allgather``, every process must call this), others copied."""
+
+    def one(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+        return np.asarray(jax.device_get(a))
+
+    return jax.tree.map(one, tree)
+
+
+def global_max(x: int) -> int:
+    """The largest of every process's ``x`` (``x`` itself on one process); every process must call this."""
+    if jax.process_count() == 1:
+        return int(x)
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.asarray(x))))

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jaxrlhf import data
+from jaxrlhf import data, sharding
 from jaxrlhf.data.packing import bucket_for, pad_left
 
 __all__ = ["PromptBatch", "PromptLoader", "build_prompt_loader", "host_array", "local_rows", "to_global"]
@@ -90,9 +90,7 @@ def prompt_batch(
         ids = pad_left(rows, width, dataset.pad_token_id)
         mask = pad_left([[1] * len(r) for r in rows], width, 0)
     if jax.process_count() > 1:  # each host bucketed its own rows: agree on one width for the global array
-        from jax.experimental import multihost_utils
-
-        width = int(np.max(multihost_utils.process_allgather(np.asarray(ids.shape[1]))))
+        width = sharding.global_max(ids.shape[1])
         if width > ids.shape[1]:
             pad = width - ids.shape[1]
             ids = np.pad(ids, ((0, 0), (pad, 0)), constant_values=dataset.pad_token_id)
@@ -171,13 +169,7 @@ def local_rows(x: Any) -> np.ndarray:
     return np.asarray(sorted(rows))
 
 
-def host_array(x: Any) -> np.ndarray:
-    """The whole of ``x`` as numpy on this host (gathered across processes when not fully addressable)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
+host_array = sharding.host_array  # whole arrays on this host, gathered across processes when needed
 
 
 def to_global(local: np.ndarray, mesh: Any) -> Any:

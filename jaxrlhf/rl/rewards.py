@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from jaxrlhf import data, generation
+from jaxrlhf import data, generation, sharding
 from jaxrlhf.data.packing import pad_right
 from jaxrlhf.rl import prompts as prompts_lib
 
@@ -292,7 +292,7 @@ class Rewards:
                 _rm_ids(tok, self.tokenizer, prompts[i], batch.messages[src[i]], completions[i], ended[i])
                 for i in range(len(rows))
             ]
-            width = generation.bucket_length(_global_max(max(map(len, seqs))))
+            width = generation.bucket_length(sharding.global_max(max(map(len, seqs))))
             rm_ids = prompts_lib.to_global(pad_right(seqs, width, tok.pad_token_id), mesh)
             rm_mask = prompts_lib.to_global(pad_right([[1] * len(s) for s in seqs], width), mesh)
         return HostInputs(py_terms, rm_ids, rm_mask)
@@ -307,16 +307,6 @@ def _rm_ids(rm_tok, policy_tok, prompt: str, messages, completion: str, ended: b
         prompt = policy_tok.render_chat(messages, add_generation_prompt=True)
     ids = list(rm_tok.prefix_ids) + rm_tok.encode(prompt) + rm_tok.encode(completion)
     return ids + ([rm_tok.eos_token_id] if ended else [])
-
-
-def _global_max(x: int) -> int:
-    import jax
-
-    if jax.process_count() == 1:
-        return x
-    from jax.experimental import multihost_utils
-
-    return int(np.max(multihost_utils.process_allgather(np.asarray(x))))
 
 
 def build_rewards(

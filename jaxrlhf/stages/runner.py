@@ -91,17 +91,7 @@ class Run:
 # ---------------------------------------------------------------------------------------------- host / arrays
 
 
-def host_array(x: Any) -> Any:
-    """A (possibly multi-host sharded) array tree as numpy on every process (gathered when needed)."""
-
-    def one(a):
-        if isinstance(a, jax.Array) and not a.is_fully_addressable:
-            from jax.experimental import multihost_utils
-
-            return np.asarray(multihost_utils.process_allgather(a, tiled=True))
-        return np.asarray(jax.device_get(a))
-
-    return jax.tree.map(one, x)
+host_array = sharding.host_array  # the one gather-to-host helper (also used by rl/)
 
 
 def primary_first(fn: Callable[[], Any], name: str) -> Any:

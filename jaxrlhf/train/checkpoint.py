@@ -147,13 +147,12 @@ class CheckpointManager:
             return False
         if step in self._mgr.all_steps():
             return False
-        paths, leaves = _flat(state)
+        _, leaves = _flat(state)
         items = {
             "state": ocp.args.StandardSave({f"{i:06d}": x for i, x in enumerate(leaves)}),
             "meta": ocp.args.JsonSave(_describe(state)),
             "loader": ocp.args.JsonSave(dict(loader_state or {})),
         }
-        del paths
         return self._mgr.save(step, args=ocp.args.Composite(**items), force=True)
 
     def all_steps(self) -> list[int]:
