@@ -4,7 +4,7 @@
 #   jaxrlhf PPO iteration, 1.24B: full (4 models) and LoRA (3 adapter sets on one bf16 base)  benchmarks/ppo.py
 #   jaxrlhf PPO iteration, Llama-3-8B shape, LoRA on one shared bf16 base                     benchmarks/ppo.py
 #   jaxrlhf DPO stage step, 8 pairs x (512 + 512): reference precomputed / on the fly           benchmarks/dpo.py
-#   jaxrlhf GRPO (benchmarks/grpo.py, when it exists)
+#   jaxrlhf GRPO iteration, 1.24B, 16 prompts x 4 samples: full (f32 master) and LoRA            benchmarks/grpo.py
 #   TRL GRPOTrainer (no vLLM): trl_grpo_llama1b.py --prompts 16 --generations 4 --new 128  (64 samples / step)
 #   TRL DPOTrainer: trl_dpo_llama1b.py --pairs 8 --prompt-len 512 --completion-len 512 [--precompute-ref]
 #
@@ -32,7 +32,7 @@ PARTS=()
 for a in "$@"; do
   if [ "$a" = "--tiny" ]; then TINY="--tiny"; else PARTS+=("$a"); fi
 done
-DEFAULT=(trl-grpo ppo-full ppo-lora trl-dpo dpo-precompute dpo-onthefly ppo-8b-lora grpo trl-dpo-precompute)
+DEFAULT=(trl-grpo ppo-full ppo-lora grpo trl-dpo dpo-precompute dpo-onthefly ppo-8b-lora grpo-lora trl-dpo-precompute)
 [ ${#PARTS[@]} -eq 0 ] && PARTS=("${DEFAULT[@]}")
 DEADLINE=${SUITE_DEADLINE:-570}
 [ -n "$TINY" ] && DEADLINE=${SUITE_DEADLINE:-100000}
@@ -92,7 +92,8 @@ cmd_of() {
       echo "120|$BASE/trl_dpo_llama1b.py --pairs 8 --prompt-len 512 --completion-len 512 --precompute-ref $TINY" ;;
     dpo-precompute) echo "150|benchmarks/dpo.py --reference precompute $TINY" ;;
     dpo-onthefly) echo "150|benchmarks/dpo.py --reference on_the_fly $TINY" ;;
-    grpo) if [ -f benchmarks/grpo.py ]; then echo "180|benchmarks/grpo.py $TINY"; fi ;;
+    grpo) echo "180|benchmarks/grpo.py $TINY" ;;
+    grpo-lora) echo "180|benchmarks/grpo.py --mode lora $TINY" ;;
     *) return 1 ;;
   esac
 }
@@ -100,7 +101,6 @@ cmd_of() {
 SKIPPED=()
 for part in "${PARTS[@]}"; do
   spec=$(cmd_of "$part") || { say "unknown part $part (parts: ${DEFAULT[*]})"; continue; }
-  if [ -z "$spec" ]; then say "$part: benchmarks/grpo.py does not exist yet, skipped"; continue; fi
   cap=${spec%%|*}
   cmd=${spec#*|}
   left=$((DEADLINE - ($(date +%s) - START)))
@@ -181,9 +181,14 @@ for ours, theirs in (("dpo-onthefly", "trl-dpo"), ("dpo-precompute", "trl-dpo-pr
         lines.append(f"{ours}: {a:.4g} tokens/s, peak {get(ours, 'peak_gib'):.1f} GiB; {theirs}: {b}")
     check(f"{ours} tokens/s vs {theirs}", None if a is None or b is None else a / b, ">= 1.5x",
           lambda v: v >= 1.5)
-g = get("grpo", "samples_per_s")
-check("grpo samples/s vs TRL GRPO", None if g is None or trl_grpo is None else g / trl_grpo, ">= 5x",
-      lambda v: v >= 5.0)
+for part in ("grpo", "grpo-lora"):
+    g = get(part, "samples_per_s")
+    if g is not None:
+        lines.append(f"{part}: {g:.3g} samples/s, iteration {get(part, 'iteration_s'):.3g} s "
+                     f"(generation {get(part, 'generation_s'):.3g}, scoring {get(part, 'scoring_s'):.3g}, "
+                     f"update {get(part, 'update_s'):.3g}), peak {get(part, 'peak_gib'):.1f} GiB")
+    check(f"{part} samples/s vs TRL GRPO", None if g is None or trl_grpo is None else g / trl_grpo, ">= 5x",
+          lambda v: v >= 5.0)
 failed = [p for p, r in recs.items() if r.get("failed")]
 if failed:
     lines.append(f"failed (no JSON result; see suite.log): {' '.join(failed)}")

@@ -249,7 +249,7 @@ def _result(state: DecodeState, ids, mask) -> GenerateResult:
 
 @functools.partial(jax.jit, static_argnames=("m", "cfg"))
 def _generate_jit(m: _Model, cfg: SamplingConfig, params, ids, mask, rng, max_new, lora) -> GenerateResult:
-    params = _maybe_fuse(m, params)
+    params, lora = _maybe_fuse(m, params), _cast_matrices(m, lora)
     state, (ids, mask) = _prefill(m, params, ids, mask, rng, lora, cfg)
     step_fn = _make_step_fn(m, params, lora)
     for i, end in enumerate(_segment_ends(cfg.max_new_tokens, m.kv_segments)):
@@ -292,7 +292,7 @@ def _kv_segments(spec: ModelSpec, cfg: SamplingConfig, segments: int | None) -> 
 
 @functools.partial(jax.jit, static_argnames=("m", "cfg"))
 def _prefill_jit(m: _Model, cfg: SamplingConfig, params, ids, mask, rng, lora):
-    params = _maybe_fuse(m, params)
+    params, lora = _maybe_fuse(m, params), _cast_matrices(m, lora)
     return _prefill(m, params, ids, mask, rng, lora, cfg)
 
 
@@ -300,7 +300,8 @@ def _prefill_jit(m: _Model, cfg: SamplingConfig, params, ids, mask, rng, lora):
 def _decode_jit(
     m: _Model, cfg: SamplingConfig, params, state: DecodeState, max_new, until, lora
 ) -> DecodeState:
-    return decode_loop(_make_step_fn(m, _maybe_fuse(m, params), lora), state, cfg, max_new, until)
+    step_fn = _make_step_fn(m, _maybe_fuse(m, params), _cast_matrices(m, lora))
+    return decode_loop(step_fn, state, cfg, max_new, until)
 
 
 def _mesh_context(mesh: Mesh | None):
@@ -311,11 +312,30 @@ def _mesh_context(mesh: Mesh | None):
 
 
 def _maybe_fuse(m: _Model, params: Any) -> Any:
+    """The decode-time weights: matrices cast to the compute dtype once (:func:`_cast_matrices`), then
+    q/k/v and gate/up concatenated when ``m.fuse``."""
+    params = _cast_matrices(m, params)
     if not m.fuse:
         return params
     from jaxrlhf import models
 
     return models.fuse_projections(m.spec, params)
+
+
+def _cast_matrices(m: _Model, tree: Any) -> Any:
+    """Kernels, embeddings and LoRA factors (floating leaves of rank >= 2) cast to ``m.compute_dtype``
+    before the decode loop, so each step reads e.g. bf16 weights instead of converting f32 master weights
+    again (the forward casts them at use, so the values are the same). Decoder-only models: T5's relative
+    position bias table is not cast at use, so encoder-decoder weights are left as they are."""
+    cdt = m.compute_dtype
+    if cdt is None or tree is None or m.spec.is_encoder_decoder:
+        return tree
+
+    def cast(x):
+        ok = jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= 2 and jnp.dtype(x.dtype).itemsize > 2
+        return x.astype(cdt) if ok and jnp.dtype(cdt).itemsize < jnp.dtype(x.dtype).itemsize else x
+
+    return jax.tree.map(cast, tree)
 
 
 # ---------------------------------------------------------------------------------------------- public API

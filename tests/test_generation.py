@@ -235,6 +235,39 @@ def test_decode_phases_over_a_growing_cache_give_the_same_result(family, tmp_dir
         np.testing.assert_allclose(one.logprobs, three.logprobs, atol=1e-5)
 
 
+def test_decode_loop_reads_weights_in_the_compute_dtype(llama):
+    """f32 master weights with bf16 compute: the kernels / embeddings are cast once before the while loop
+    (each decode step then reads bf16 weights), and the result equals decoding bf16-cast weights."""
+    _, spec, params = llama
+    ids, mask = padded_batch(np.random.default_rng(2), [3, 7, 5], 7)
+    cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, stop_token_ids=())
+    m, rcfg, pids, pmask, _ = generation._setup(
+        spec, ids, mask, cfg, None, None, jnp.bfloat16, None, "plain", None, None, 1
+    )
+    jaxpr = jax.make_jaxpr(lambda *a: generation._generate_jit(m, rcfg, *a))(
+        params, pids, pmask, jax.random.key(0), jnp.int32(12), None
+    )
+    (loop,) = [e for e in all_eqns(jaxpr.jaxpr) if e.primitive.name == "while"]
+    weight_shapes = {x.shape for x in jax.tree.leaves(params) if x.ndim == 2}
+    body = loop.params["body_jaxpr"].jaxpr
+    casts = [
+        e.invars[0].aval.shape
+        for e in all_eqns(body)
+        if e.primitive.name == "convert_element_type" and e.invars[0].aval.dtype == jnp.float32
+        and e.invars[0].aval.shape in weight_shapes
+    ]  # fmt: skip
+    assert not casts, f"the decode loop converts f32 weights of shapes {casts} at every step"
+    in_body = {v.aval.dtype for v in body.invars if v.aval.shape in weight_shapes}
+    assert in_body == {jnp.dtype(jnp.bfloat16)}, in_body
+    cast = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim >= 2 else x, params)
+    a, b = (
+        generation.generate(spec, p, ids, mask, jax.random.key(4), cfg, compute_dtype=jnp.bfloat16)
+        for p in (params, cast)
+    )
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_array_equal(np.asarray(a.raw_logprobs), np.asarray(b.raw_logprobs))
+
+
 def test_right_padding_and_lora_adapters(llama):
     _, spec, params = llama
     left, lmask = padded_batch(np.random.default_rng(5), [3, 6], 6)
