@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import statistics
+import sys
 import time
 import types
 
@@ -160,21 +161,63 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _progress(t_start: float, what: str) -> None:
+    """A timestamped progress line on stderr (a part cut off by its cap still shows how far it got)."""
+    print(f"[ppo.py {time.perf_counter() - t_start:7.1f}s] {what}", file=sys.stderr, flush=True)
+
+
+def _summary(args, b: dict, runs: list[dict]) -> dict:
+    """The iteration's numbers (printed as soon as the timed iterations are done, before the phases alone)."""
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    stats = jax.devices()[0].memory_stats() or {}
+    return dict(
+        bench="jaxrlhf-ppo-iteration",
+        shape="tiny" if args.tiny else args.shape,
+        mode=args.mode,
+        n_params=models.count_params(b["spec"]),
+        lora=16 if b["lcfg"] is not None else 0,
+        prompts=args.prompts,
+        prompt_len=args.prompt_len,
+        new=args.new,
+        epochs=args.epochs,
+        minibatches=args.minibatches,
+        grad_accum=args.grad_accum,
+        attention=b["impl"],
+        iteration_s=med["iteration_seconds"],
+        samples_per_s=args.prompts / med["iteration_seconds"],  # sampling.n = 1: one sample per prompt
+        generation_s=med["generation_seconds"],
+        scoring_s=med["scoring_seconds"],
+        update_s=med["update_seconds"],
+        generation_fraction=med["generation_seconds"] / med["iteration_seconds"],
+        iterations=[round(r["iteration_seconds"], 4) for r in runs],
+        peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
+        frozen_params_gib=b["held"] / 2**30,
+        devices=len(jax.devices()),
+        card=jax.devices()[0].device_kind,
+    )
+
+
 def run(args) -> dict:
-    t_build = time.perf_counter()
+    t_start = time.perf_counter()
     b = build(args)
     state = b["state"]
     jax.block_until_ready(state)
-    t_build = time.perf_counter() - t_build
+    t_build = time.perf_counter() - t_start
+    _progress(t_start, "built the actors and the state")
     t0 = time.perf_counter()
     state, ro, m, _ = iteration(b, state, 0)  # compiles generation, scoring and the update
     first = {k: float(m[k]) for k in ("ratio_first", "approx_kl_first")}  # 1 and 0: ratio of a fresh rollout
     t_compile = time.perf_counter() - t0
+    _progress(t_start, f"first iteration (compiles) {t_compile:.1f}s")
     runs = []
     for it in range(1, args.iterations + 1):
         state, ro, m, timings = iteration(b, state, it)
         runs.append(timings)
-    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        _progress(t_start, f"iteration {it}: {timings['iteration_seconds']:.3f}s")
+    partial = dict(_summary(args, b, runs), build_s=t_build, first_iteration_s=t_compile, **first)
+    if args.no_alone:
+        return partial
+    print(json.dumps(dict(partial, partial=True)), flush=True)  # in case the phases alone hit the cap
 
     # each phase alone, on the same inputs
     pol = rl.rollout_models(b["pm"], state, b["frozen"], ref=b["ref"]).policy
@@ -208,41 +251,15 @@ def run(args) -> dict:
         upd.append(time.perf_counter() - t)
     update_alone = statistics.median(upd)
     alone = gen_alone + score_alone + update_alone
-    rows = args.prompts  # sampling.n = 1: one sample per prompt
-    stats = jax.devices()[0].memory_stats() or {}
     return dict(
-        bench="jaxrlhf-ppo-iteration",
-        shape="tiny" if args.tiny else args.shape,
-        mode=args.mode,
-        n_params=models.count_params(b["spec"]),
-        lora=16 if b["lcfg"] is not None else 0,
-        prompts=args.prompts,
-        prompt_len=args.prompt_len,
-        new=args.new,
-        epochs=args.epochs,
-        minibatches=args.minibatches,
-        grad_accum=args.grad_accum,
-        attention=b["impl"],
-        iteration_s=med["iteration_seconds"],
-        samples_per_s=rows / med["iteration_seconds"],
-        generation_s=med["generation_seconds"],
-        scoring_s=med["scoring_seconds"],
-        update_s=med["update_seconds"],
-        generation_fraction=med["generation_seconds"] / med["iteration_seconds"],
+        partial,
         generation_alone_s=gen_alone,
         scoring_alone_s=score_alone,
         update_alone_s=update_alone,
         sum_alone_s=alone,
-        iteration_over_sum_alone=med["iteration_seconds"] / alone,
-        generated_tokens_per_s=rows * args.new / gen_alone,
-        iterations=[round(r["iteration_seconds"], 4) for r in runs],
-        peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
-        frozen_params_gib=b["held"] / 2**30,
-        build_s=t_build,
-        first_iteration_s=t_compile,
-        **first,
-        devices=len(jax.devices()),
-        card=jax.devices()[0].device_kind,
+        iteration_over_sum_alone=partial["iteration_s"] / alone,
+        generated_tokens_per_s=args.prompts * args.new / gen_alone,
+        peak_gib=(jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30,
     )
 
 
@@ -259,6 +276,7 @@ def main():
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--iterations", type=int, default=3, help="timed iterations after the first (median)")
     p.add_argument("--repeats", type=int, default=3, help="timings of each phase alone (median)")
+    p.add_argument("--no-alone", action="store_true", help="skip timing each phase alone (big shapes)")
     args = p.parse_args()
     args.prompts = args.prompts or (8 if args.tiny else 64)
     args.prompt_len = args.prompt_len or (16 if args.tiny else 128)

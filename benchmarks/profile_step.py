@@ -1,8 +1,8 @@
 """Where the device time goes: trace a decode loop or a training step and print the kernels that take it.
 
-    PYTHONPATH=. python3 benchmarks/profile_step.py decode --batch 1          # GPU: 1.24B bf16, 64 decode steps
-    PYTHONPATH=. python3 benchmarks/profile_step.py sft                       # GPU: one full-FT step, 8 x 2048
-    PYTHONPATH=. python3 benchmarks/profile_step.py decode --tiny             # CPU smoke run
+    PYTHONPATH=. python3 benchmarks/profile_step.py decode --batch 1     # GPU: 1.24B bf16, 64 decode steps
+    PYTHONPATH=. python3 benchmarks/profile_step.py sft             # GPU: one full-FT step, 8 x 2048
+    PYTHONPATH=. python3 benchmarks/profile_step.py decode --tiny        # CPU smoke run
 
 Prints one JSON line: the wall time of the traced region, the summed kernel time on the device, the number
 of kernels (per decode step for ``decode``), and the top kernels by total time with their counts. The trace is
