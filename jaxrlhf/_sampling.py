@@ -4,10 +4,10 @@ Given the model's next-token logits ``z`` [B, V] (f32) the sampler draws from
 
     greedy (temperature == 0):  argmax_v z_v
     otherwise:                  p(v) ∝ exp(z_v / T) restricted to the kept set K, where K is cut, in order, by
-        top-k:  the k largest logits                       (``lax.top_k``: a partial sort, no full-vocab sort)
-        top-p:  the smallest prefix of the descending order whose mass reaches p: token j (descending) is kept
-                iff  sum_{i<j} p_i < top_p  (transformers' TopPLogitsWarper; the top token always stays)
-        min-p:  tokens with p_v >= min_p * max_u p_u       (a threshold against the max, no sort)
+        top-k:  z_v >= the k-th largest logit (ties at it stay, as transformers' TopKLogitsWarper does)
+        top-p:  token v is kept iff  sum_{u: z_u > z_v} p_u < top_p  (the mass strictly more likely than v;
+                transformers' TopPLogitsWarper up to the order it gives tied tokens; the top token stays)
+        min-p:  tokens with p_v >= min_p * max_u p_u       (a threshold against the max)
 
 and, while fewer than ``min_new_tokens`` tokens were generated, stop tokens are excluded (their logits are
 set to -inf before everything else, as transformers' MinNewTokensLengthLogitsProcessor does).
@@ -15,8 +15,8 @@ set to -inf before everything else, as transformers' MinNewTokensLengthLogitsPro
 For every draw it returns the token, its log-probability under the distribution it was drawn from (for greedy:
 the log-softmax of the unscaled logits, as vLLM reports it), and its *raw* log-probability
 ``z_v - logsumexp(z)`` under the untruncated temperature-1 model distribution: the quantity a training forward
-pass recomputes (PPO's ``old_logprobs``). Only the greedy, plain-temperature and min-p paths are sort-free;
-top-p without top-k sorts the full vocabulary, as it must.
+pass recomputes (PPO's ``old_logprobs``). Nothing sorts the vocabulary: the top-k and top-p cuts are exact
+thresholds found by a radix search over the float bit patterns (:func:`_threshold`, 8 reductions per row).
 
 :func:`decode_loop` runs any ``step_fn(cache, tokens, positions) -> (logits, cache)`` in a
 ``lax.while_loop`` over a :class:`DecodeState`; :mod:`jaxrlhf.generation` supplies the model.
@@ -145,28 +145,67 @@ def sample(
 
 
 def candidates(logits: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array | None]:
-    """The truncated, temperature-scaled logits to draw from.
+    """The truncated, temperature-scaled logits to draw from, in vocabulary order.
 
-    Returns ``(cand [B, C], ids [B, C] | None)``: ``ids`` maps candidate columns to vocabulary ids when the
-    candidates are a top-k / sorted subset (C = k, or V for top-p alone); ``None`` means C = V in vocab order.
-    Excluded candidates hold -inf, so ``softmax(cand)`` is exactly the sampling distribution.
+    Returns ``(cand [B, V], None)`` (``None``: candidate columns are vocabulary ids). Excluded tokens hold
+    -inf, so ``softmax(cand)`` is exactly the sampling distribution. Top-k and top-p are thresholds found
+    by :func:`_threshold` (eight passes over the row, no sort): top-k keeps ``z_v >= τ_k`` with ``τ_k`` the
+    k-th largest value (ties at ``τ_k`` stay, as transformers' TopKLogitsWarper keeps them); top-p keeps
+    ``z_v >= τ_p`` with ``τ_p`` the largest value whose upper mass ``sum_{u: z_u >= τ_p} p_u`` reaches
+    ``top_p`` — i.e. token v stays iff the mass of the tokens strictly more likely than v is < ``top_p``.
     """
-    vocab = logits.shape[-1]
     scaled = logits / jnp.float32(cfg.temperature)
-    ids = None
+    vocab = scaled.shape[-1]
     if 0 < cfg.top_k < vocab:
-        scaled, ids = jax.lax.top_k(scaled, cfg.top_k)  # sorted descending
-    elif cfg.top_p < 1.0:
-        scaled, ids = jax.lax.top_k(scaled, vocab)  # top-p needs the full descending order
+        keys = _ordered_keys(scaled)
+        tau = _threshold(keys, jnp.ones_like(scaled), jnp.float32(cfg.top_k))
+        scaled = jnp.where(keys >= tau[:, None], scaled, -jnp.inf)
     if cfg.top_p < 1.0:
-        probs = jax.nn.softmax(scaled, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = mass_before < jnp.float32(cfg.top_p)
-        scaled = jnp.where(keep, scaled, -jnp.inf)
+        keys = _ordered_keys(scaled)
+        tau = _threshold(keys, jax.nn.softmax(scaled, axis=-1), jnp.float32(cfg.top_p))
+        scaled = jnp.where(keys >= tau[:, None], scaled, -jnp.inf)
     if cfg.min_p > 0.0:
         threshold = jnp.max(scaled, axis=-1, keepdims=True) + jnp.float32(math.log(cfg.min_p))
         scaled = jnp.where(scaled >= threshold, scaled, -jnp.inf)
-    return scaled, ids
+    return scaled, None
+
+
+def _ordered_keys(x: jax.Array) -> jax.Array:
+    """f32 [B, V] -> uint32 keys with ``x_a < x_b  <=>  key_a < key_b`` and ``x_a == x_b  <=>  key_a ==
+    key_b`` (-inf lowest; -0 is made +0 first).
+
+    Non-negative floats: the bit pattern with the sign bit set; negative floats: all bits flipped (a larger
+    magnitude is a smaller number)."""
+    x = x.astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, jnp.float32(0), x), jnp.uint32)
+    sign = jnp.uint32(0x80000000)
+    return jnp.where(bits >= sign, ~bits, bits | sign)
+
+
+_RADIX_BITS = 4  # 16 candidate thresholds per pass: 8 passes over the row for a 32-bit key
+
+
+def _threshold(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
+    """Per row the largest key ``t`` with ``S(t) = sum_v weights_v [keys_v >= t] >= target`` ([B] uint32).
+
+    ``S`` is non-increasing in ``t`` (weights >= 0), so the answer is fixed bit by bit from the top: with the
+    bits above ``shift`` decided (``prefix``; ``S(prefix) >= target`` holds), the next ``_RADIX_BITS`` bits
+    are the largest ``j`` with ``S(prefix | j << shift) >= target`` (``j = 0`` always qualifies). Each pass
+    is one fused reduction over [B, 16, V] compares; 32 / 4 = 8 passes give the exact key. Top-k:
+    weights 1, target k -> the key of the k-th largest value; top-p: weights = probabilities, target p.
+    """
+    rows = keys.shape[0]
+    radix = 1 << _RADIX_BITS
+    digits = jnp.arange(radix, dtype=jnp.uint32)
+    prefix = jnp.zeros((rows,), jnp.uint32)
+    for shift in range(32 - _RADIX_BITS, -1, -_RADIX_BITS):
+        cand = prefix[:, None] | (digits[None, :] << jnp.uint32(shift))  # [B, 16]
+        above = keys[:, None, :] >= cand[:, :, None]  # [B, 16, V], fused into the sum
+        mass = jnp.sum(jnp.where(above, weights[:, None, :], 0.0), axis=-1)  # [B, 16]
+        ok = (mass >= target) | (digits[None, :] == 0)
+        best = jnp.max(jnp.where(ok, digits[None, :], jnp.uint32(0)), axis=-1)
+        prefix = prefix | (best << jnp.uint32(shift))
+    return prefix
 
 
 def sampling_probs(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrlhf._sampling import SamplingConfig, sample, sampling_probs
+from jaxrlhf._sampling import SamplingConfig, _ordered_keys, _threshold, candidates, sample, sampling_probs
+from tests._jaxpr import all_eqns
 
 LOGITS = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, 0.3, 1.2, -2.0], np.float32)
 DRAWS = 40_000
@@ -23,17 +24,13 @@ def reference_probs(z, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, banned=()
     p = np.exp((z - z.max()) / temperature)
     p /= p.sum()
     keep = p > 0
-    order = np.argsort(-p, kind="stable")
-    if top_k:
-        keep[order[top_k:]] = False
+    if top_k and top_k < z.size:
+        keep &= z >= np.sort(z)[::-1][top_k - 1]  # ties with the k-th largest stay (transformers' TopK)
     if top_p < 1.0:
         q = np.where(keep, p, 0.0)
         q /= q.sum()
-        before = 0.0
-        for i in order:
-            if before >= top_p:
-                keep[i] = False
-            before += q[i]
+        more_likely = np.array([q[z > z[i]].sum() for i in range(z.size)])
+        keep &= more_likely < top_p
     if min_p > 0.0:
         q = np.where(keep, p, 0.0)
         keep &= q >= min_p * q.max()
@@ -158,3 +155,81 @@ def test_config_is_hashable_and_validates():
     ]:
         with pytest.raises(ValueError, match="SamplingConfig"):
             SamplingConfig(**bad)
+
+
+def _hf_warped(z: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """transformers' own logits warpers (Temperature -> TopK -> TopP, generate's order) on rows of ``z``."""
+    torch = pytest.importorskip("torch")
+    from transformers.generation import logits_process as lp
+
+    scores = torch.as_tensor(z, dtype=torch.float32)
+    warpers = [lp.TemperatureLogitsWarper(temperature)]
+    if top_k:
+        warpers.append(lp.TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(lp.TopPLogitsWarper(top_p))
+    for w in warpers:
+        scores = w(None, scores)
+    return scores.numpy()
+
+
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(
+    seed=st.integers(0, 2**31 - 1),
+    vocab=st.sampled_from([7, 50, 301]),
+    temperature=st.sampled_from([0.7, 1.0, 1.3]),
+    top_k=st.sampled_from([0, 1, 5, 40]),
+    top_p=st.sampled_from([1.0, 0.5, 0.9, 0.99]),
+    ties=st.booleans(),
+)
+def test_truncation_equals_transformers_warpers(seed, vocab, temperature, top_k, top_p, ties):
+    """Kept set and renormalised distribution == transformers' TopK / TopP warpers (ties: top-k only, where
+    transformers keeps every token tied with the k-th; its top-p orders tied tokens arbitrarily)."""
+    rs = np.random.RandomState(seed)
+    z = rs.randn(6, vocab).astype(np.float32) * 3
+    if ties:
+        z = np.round(z)  # many equal logits
+        top_p = 1.0
+    cfg = SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
+    ours, _ = jax.jit(lambda x: candidates(x, cfg))(jnp.asarray(z))
+    ours = np.asarray(ours)
+    hf = _hf_warped(z, temperature, top_k, top_p)
+    np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(hf))
+    p_ours = np.asarray(jax.nn.softmax(jnp.asarray(ours), axis=-1))
+    p_hf = np.exp(hf - hf.max(1, keepdims=True))
+    np.testing.assert_allclose(p_ours, p_hf / p_hf.sum(1, keepdims=True), atol=1e-6)
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(
+    values=st.lists(
+        st.one_of(
+            st.floats(allow_nan=False, width=32),
+            st.sampled_from([0.0, -0.0, 1.0, -1.0, float("-inf"), float("inf"), 1e-45, -1e-45]),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    data=st.data(),
+)
+def test_threshold_is_the_exact_kth_largest(values, data):
+    """_threshold with unit weights returns the key of the k-th largest value for any floats (signed zeros,
+    infinities, denormals, duplicates), and the key order is the float order (equal floats, equal keys)."""
+    x = np.asarray(values, np.float32)
+    k = data.draw(st.integers(1, x.size))
+    keys = np.asarray(_ordered_keys(jnp.asarray(x[None])))[0]
+    x = np.where(np.abs(x) < np.finfo(np.float32).tiny, np.float32(0), x)  # XLA flushes denormals to 0
+    lt, eq = x[:, None] < x[None, :], x[:, None] == x[None, :]
+    np.testing.assert_array_equal(keys[:, None] < keys[None, :], lt)
+    np.testing.assert_array_equal(keys[:, None] == keys[None, :], eq)
+    tau = int(_threshold(jnp.asarray(keys[None]), jnp.ones((1, x.size)), jnp.float32(k))[0])
+    assert tau == int(np.sort(keys)[::-1][k - 1])
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=50), dict(top_p=0.9), dict(top_k=50, top_p=0.9)])
+def test_truncation_sorts_nothing(kw):
+    """No sort / top_k primitive over the vocabulary in the sampler (it ran a full sort per decode step)."""
+    cfg = SamplingConfig(max_new_tokens=1, temperature=1.0, **kw)
+    jaxpr = jax.make_jaxpr(lambda z, r: sample(z, r, cfg))(jnp.zeros((4, 1000)), jax.random.key(0))
+    names = {e.primitive.name for e in all_eqns(jaxpr.jaxpr)}
+    assert not names & {"sort", "top_k", "approx_top_k"}, names
