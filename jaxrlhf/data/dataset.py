@@ -1,9 +1,11 @@
 """``DataConfig`` and ``build_dataset``: files -> rows -> tokenized (and packed) examples, through
 ``datasets.map(batched=True)`` with a deterministic fingerprint, so a second run reads the cache.
 
-Bad rows (see :mod:`jaxrlhf.data.errors`) raise :class:`DataError` naming file, row and field, or under
-``on_bad_row="skip"`` are dropped, counted in ``TokenizedDataset.skipped`` and logged. Rows that do not fit
-under ``truncation="drop"`` are dropped and counted the same way whatever ``on_bad_row`` says.
+Bad rows (see :mod:`jaxrlhf.data.errors`) raise one :class:`DataError` naming file, row, 1-based line and
+field of every bad row of a file (up to ``MAX_REPORTED``, then how many more: the whole file is checked
+first; a streaming read stops at the first), or under ``on_bad_row="skip"`` are dropped, counted in
+``TokenizedDataset.skipped`` and logged. Rows that do not fit under ``truncation="drop"`` are dropped and
+counted the same way whatever ``on_bad_row`` says.
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ import json
 import os
 from typing import Any
 
-from jaxrlhf.data.errors import BadRowLog, DataError, check_on_bad_row, logger
+from jaxrlhf.data.errors import (
+    MAX_REPORTED,
+    BadRowLog,
+    DataError,
+    bad_rows_error,
+    check_on_bad_row,
+    logger,
+)
 from jaxrlhf.data.formats import (
     FORMATS,
     KIND_FORMATS,
@@ -164,12 +173,16 @@ def _tokenize_source(name, ds, fmt, kind, tokenizer, opts, config, log, offset):
                 example = process_row(row, fmt, kind, tokenizer, opts)
                 error = ""
             except RowError as e:
-                if not (skip or e.drop):
+                if config.streaming and not (skip or e.drop):  # lazy: the first bad row read stops it
                     raise DataError(e.reason, file=name, row=row_index, field=e.field) from None
                 example = {c: (0.0 if c == "margin" else []) for c in out_cols}
-                error = f"{name}, row {row_index}, field {e.field!r}: {e.reason}"
+                # the row's problem, read back after the map: skipped and counted, or (error mode) named;
+                # not whether it is skipped (the cached map serves both on_bad_row modes)
+                error = json.dumps([row_index, e.field, e.reason, bool(e.drop)])
                 if config.streaming:
-                    logger.warning("skipped bad row: %s", error)
+                    logger.warning(
+                        "skipped bad row: %s, row %d, field %r: %s", name, row_index, e.field, e.reason
+                    )
             for c in out_cols:
                 out[c].append(example[c])
             out["index"].append(offset + row_index)
@@ -185,10 +198,27 @@ def _tokenize_source(name, ds, fmt, kind, tokenizer, opts, config, log, offset):
         )
     mapped = ds.map(fn, **kwargs)
     if not config.streaming:
-        for error in mapped["_error"]:
-            if error:
-                log.add(error, error.rsplit(": ", 1)[-1].split(" (")[0])
+        _report_bad_rows(name, mapped["_error"], skip, log)
     return mapped.filter(lambda e: not e, input_columns="_error").remove_columns("_error")
+
+
+def _report_bad_rows(name: str, marks: list[str], skip: bool, log: BadRowLog) -> None:
+    """After the map: rows that may be dropped (``on_bad_row=skip``, or too long under ``truncation=drop``)
+    are counted in ``log``; any other bad row raises one :class:`DataError` naming every such row (up to
+    :data:`~jaxrlhf.data.errors.MAX_REPORTED`) with its 1-based line, and ``data.on_bad_row=skip``."""
+    errors, total = [], 0
+    for mark in marks:
+        if not mark:
+            continue
+        row, field, reason, drop = json.loads(mark)
+        if skip or drop:
+            log.add(f"{name}, row {row}, field {field!r}: {reason}", reason.split(" (")[0])
+            continue
+        total += 1
+        if len(errors) < MAX_REPORTED:
+            errors.append(DataError(reason, file=name, row=row, field=field))
+    if errors:
+        raise bad_rows_error(errors, total)
 
 
 def _pack(ds, max_length: int, tokenizer, config):

@@ -77,14 +77,17 @@ def bad_rows_error(errors: list[DataError], total: int | None = None) -> DataErr
     lines = "\n".join(f"  {format_location(e.file, e.row, e.field)}{e.reason}" for e in shown)
     more = f"\n  ... and {total - len(shown)} more" if total > len(shown) else ""
     first = errors[0]
+    files = {e.file for e in errors}
+    # the message starts with the file when every row is of one file (each line names its own file anyway)
     err = BadRowsError(
         f"{total} bad rows:\n{lines}{more}\n{SKIP_HINT}",
-        file=first.file,
+        file=first.file if len(files) == 1 else None,
         row=None,
-        field=first.field,
+        field=None,
         hint=False,
     )
-    err.row, err.errors, err.total = first.row, list(errors), total
+    err.file, err.row, err.field = first.file, first.row, first.field
+    err.errors, err.total = list(errors), total
     return err
 
 

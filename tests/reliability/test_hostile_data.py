@@ -189,3 +189,39 @@ def test_csv_row_line_counts_the_header_and_quoted_newlines(tok, tmp_path):
     with pytest.raises(data.DataError) as e:
         _build(str(path), tok, "prompt_completion", str(tmp_path / "c"), "error")
     assert e.value.row == 2 and "line 5 of the file" in str(e.value)
+
+
+def test_every_bad_row_in_one_error_up_to_the_limit(tok, tmp_path):
+    """Rows that read as JSON but are bad (empty / missing / wrong-typed fields): every one of them is
+    named in one error with its 1-based line (blank lines counted), up to ``MAX_REPORTED``, then a count."""
+    from jaxrlhf.data.errors import MAX_REPORTED
+
+    good = json.dumps({"prompt": "p", "completion": "some words"})
+    bad = [
+        json.dumps({"prompt": "p", "completion": "  "}),
+        json.dumps({"prompt": "p"}),
+        json.dumps({"prompt": "p", "completion": None}),
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join([good, bad[0], "", good, bad[1], bad[2], good]) + "\n")
+    with pytest.raises(BadRowsError) as e:
+        _build(str(path), tok, "prompt_completion", str(tmp_path / "c"), "error")
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: 3 bad rows:") and SKIP_HINT in msg and "data.on_bad_row=skip" in msg
+    assert f"{path}, row 1, field 'completion' (line 2 of the file): is empty" in msg
+    assert f"{path}, row 3, field 'completion' (line 5 of the file)" in msg  # the blank line 3 counted
+    assert f"{path}, row 4, field 'completion' (line 6 of the file)" in msg
+    assert [x.row for x in e.value.errors] == [1, 3, 4] and e.value.total == 3
+    ds = _build(str(path), tok, "prompt_completion", str(tmp_path / "c2"), "skip")
+    assert len(ds.data) == 3 and ds.skipped == 3
+
+    many = tmp_path / "many.jsonl"
+    n = MAX_REPORTED + 5
+    many.write_text("\n".join([good] + [bad[0]] * n) + "\n")
+    with pytest.raises(BadRowsError) as e:
+        _build(str(many), tok, "prompt_completion", str(tmp_path / "c3"), "error")
+    msg = str(e.value)
+    assert msg.startswith(f"{many}: {n} bad rows:") and "... and 5 more" in msg
+    assert len(e.value.errors) == MAX_REPORTED and e.value.total == n
+    assert f"row {MAX_REPORTED}, field 'completion' (line {MAX_REPORTED + 1} of the file)" in msg
+    assert f"row {MAX_REPORTED + 1}," not in msg
