@@ -28,14 +28,14 @@ from jaxrlhf.data.formats import (
     FORMATS,
     KIND_FORMATS,
     KINDS,
-    REQUIRED_COLUMNS,
     TRUNCATIONS,
     RowError,
     detect_format,
     process_row,
+    required_columns,
 )
 from jaxrlhf.data.packing import length_buckets, pack_examples
-from jaxrlhf.data.sources import BAD_ROW_FIELD, BAD_ROW_REASON, load_sources
+from jaxrlhf.data.sources import BAD_ROW_FIELD, BAD_ROW_REASON, is_glob, load_sources
 from jaxrlhf.data.templates import TEMPLATES
 
 _VERSION = "jaxrlhf-data-1"
@@ -49,7 +49,10 @@ class DataConfig:
     (None = the tokenizer's own). ``max_prompt_length``: prompts are cut (from the left) to this first.
     ``packing``: pack SFT examples into rows of ``max_length``. ``bucket_lengths``: allowed padded lengths
     of prompt batches (default: powers of two up to the prompt limit). ``eval_split`` or ``eval_fraction``
-    make ``TokenizedDataset.eval``. ``streaming``: read lazily (no cache, no eval_fraction).
+    make ``TokenizedDataset.eval``. ``streaming``: read lazily (no cache, no eval_fraction): for corpora
+    larger than memory, e.g. shards named by a glob (``path: "refinedweb/*.parquet"``); each process reads
+    its own subset of the files (see :class:`~jaxrlhf.data.Loader`). ``text_field``: the column of the
+    ``text`` format (RefinedWeb's is ``content``).
     """
 
     path: str
@@ -72,6 +75,7 @@ class DataConfig:
     num_proc: int | None = None
     cache_dir: str | None = None
     shuffle_buffer: int = 10_000
+    text_field: str = "text"
 
     def __post_init__(self):
         if self.bucket_lengths is not None:  # YAML gives lists; keep the config hashable
@@ -140,7 +144,7 @@ def _fingerprint(tokenizer, parts: list[Any]) -> str:
 def _tokenize_source(name, ds, fmt, kind, tokenizer, opts, config, log, offset):
     columns = list(ds.column_names or [])
     if columns:
-        need = REQUIRED_COLUMNS[fmt] if not (fmt == "messages" and "conversations" in columns) else ()
+        need = required_columns(fmt, kind, columns, text_field=config.text_field)
         for col in need:
             if col not in columns:
                 raise DataError(
@@ -225,7 +229,9 @@ def _pack(ds, max_length: int, tokenizer, config):
     def fn(batch):
         return pack_examples(batch["input_ids"], batch["loss_mask"], max_length)
 
-    kwargs: dict[str, Any] = dict(batched=True, batch_size=1000, remove_columns=list(ds.column_names or []))
+    # a streaming dataset may not know its columns after a map: name them (a packed batch has fewer rows)
+    columns = list(ds.column_names or ("input_ids", "loss_mask"))
+    kwargs: dict[str, Any] = dict(batched=True, batch_size=1000, remove_columns=columns)
     if not config.streaming:
         kwargs.update(
             new_fingerprint=_fingerprint(tokenizer, [ds._fingerprint, "pack", max_length]),
@@ -261,10 +267,11 @@ def build_dataset(config: DataConfig, tokenizer, kind: str, *, split: str | None
     if fmt is None:
         first = sources[0][1]
         columns = list(first.column_names or next(iter(first), {}).keys())
-        fmt = detect_format(columns)
+        fmt = detect_format(columns, text_field=config.text_field)
         if fmt is None:
             raise DataError(
-                f"cannot detect the format from columns {columns}; set format to one of {FORMATS}",
+                f"cannot detect the format from columns {columns}; set format to one of {FORMATS} "
+                "(and text_field, for plain text in a column other than 'text')",
                 file=sources[0][0],
             )
     if fmt == "messages" and tokenizer.chat_template is None:
@@ -281,6 +288,7 @@ def build_dataset(config: DataConfig, tokenizer, kind: str, *, split: str | None
         "max_length": config.max_length,
         "max_prompt_length": config.max_prompt_length,
         "truncation": config.truncation,
+        "text_field": config.text_field,
     }
     parts, raws, offset = [], [], 0
     for name, ds in sources:
@@ -318,9 +326,11 @@ def build_dataset(config: DataConfig, tokenizer, kind: str, *, split: str | None
     )
     if split == config.split:
         if config.eval_split is not None:
-            if os.path.isfile(config.path):
+            if os.path.isfile(config.path) or is_glob(config.path):
                 raise DataError(
-                    "a single file holds one split: use eval_fraction, or a directory", file=config.path
+                    "a single file holds one split (and so do the files of a glob): use eval_fraction, or "
+                    "a directory",
+                    file=config.path,
                 )
             result.eval = build_dataset(config, tokenizer, kind, split=config.eval_split)
         elif config.eval_fraction > 0:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import collections
 import csv
 import functools
+import gzip
+import io
 import logging
 import os
 
@@ -131,9 +133,9 @@ def _line_of(file: str, row: int, size: int, mtime: int) -> int | None:
     """1-based line where 0-based ``row`` starts: JSON lines count non-blank lines as rows, CSV counts
     records after the header (quoted fields may span lines). ``size`` / ``mtime`` key the cache."""
     del size, mtime
-    if file.endswith(".jsonl"):
+    if file.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")):
         r = -1
-        with open(file, "rb") as f:
+        with _open_lines(file) as f:
             for i, line in enumerate(f, 1):
                 if line.strip():
                     r += 1
@@ -150,6 +152,17 @@ def _line_of(file: str, row: int, size: int, mtime: int) -> int | None:
                 start = reader.line_num + 1
         return None
     return None
+
+
+def _open_lines(file: str):
+    """A binary line iterator over ``file``, decompressing ``.gz`` / ``.zst`` (the latter via zstandard)."""
+    if file.endswith(".gz"):
+        return gzip.open(file, "rb")
+    if file.endswith(".zst"):
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(file, "rb"), closefd=True))
+    return open(file, "rb")
 
 
 class BadRowLog:

@@ -3,10 +3,15 @@
 Formats (detected from the columns by :func:`detect_format`, or named in ``DataConfig.format``):
 
 ============================  ========================================================================
-``text``                      ``text`` (continued pre-training: every token after the first is a target)
+``text``                      ``text`` (continued pre-training: every token after the first is a target);
+                              the column is ``DataConfig.text_field`` (RefinedWeb: ``content``)
 ``prompt_completion``         ``prompt`` + ``completion`` strings (loss on the completion and its EOS)
-``messages``                  ``messages`` (or ShareGPT ``conversations``): chat through a template,
-                              loss on the assistant tokens (:func:`jaxrlhf.data.templates.tokenize_chat`)
+``messages``                  ``messages`` (or FastChat / ShareGPT ``conversations``: ``from`` / ``value``
+                              turns, ``human`` -> user, ``gpt`` -> assistant, ``system`` -> system; any
+                              other role is a bad row): chat through a template, loss on the assistant
+                              tokens (:func:`jaxrlhf.data.templates.tokenize_chat`)
+``alpaca``                    ``instruction`` + optional ``input`` + ``output`` (alpaca / alpaca-lora rows;
+                              see :func:`alpaca_prompt`): loss on the output and its EOS
 ``preference``                ``chosen`` + ``rejected`` (strings with a ``prompt`` string, or message lists
                               with a ``prompt`` message list or string), optional ``margin``; or an
                               implicit prompt: whole conversations sharing their leading messages
@@ -46,20 +51,21 @@ from typing import Any
 
 from jaxrlhf.data.templates import TemplateError, tokenize_chat, tokenize_chat_prompt
 
-FORMATS = ("text", "prompt_completion", "messages", "preference", "prompt", "seq2seq")
+FORMATS = ("text", "prompt_completion", "messages", "alpaca", "preference", "prompt", "seq2seq")
 KINDS = ("sft", "preference", "prompt", "seq2seq")
 TRUNCATIONS = ("left", "drop", "error")
 # formats each kind of dataset accepts (the prompt kind reads the prompt of any prompt-bearing format)
 KIND_FORMATS = {
-    "sft": ("text", "prompt_completion", "messages"),
+    "sft": ("text", "prompt_completion", "messages", "alpaca"),
     "preference": ("preference",),
-    "prompt": ("prompt", "prompt_completion", "messages", "preference"),
+    "prompt": ("prompt", "prompt_completion", "messages", "alpaca", "preference"),
     "seq2seq": ("seq2seq", "prompt_completion"),
 }
 REQUIRED_COLUMNS = {
     "text": ("text",),
     "prompt_completion": ("prompt", "completion"),
     "messages": ("messages",),
+    "alpaca": ("instruction", "output"),
     "preference": ("chosen", "rejected"),
     "prompt": ("prompt",),
     "seq2seq": ("inputs", "targets"),
@@ -71,6 +77,16 @@ _SHAREGPT_ROLES = {
     "user": "user",
     "assistant": "assistant",
 }
+# alpaca-lora's templates/alpaca.json (tloen/alpaca-lora): the prompt of a row without / with an input
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+    "### Input:\n{input}\n\n### Response:\n"
+)
 
 
 class RowError(Exception):
@@ -81,8 +97,8 @@ class RowError(Exception):
         self.reason, self.field, self.drop = reason, field, drop
 
 
-def detect_format(columns: list[str]) -> str | None:
-    """The format implied by the column names, or None."""
+def detect_format(columns: list[str], *, text_field: str = "text") -> str | None:
+    """The format implied by the column names, or None (``text_field``: the column of plain text)."""
     cols = set(columns)
     if {"chosen", "rejected"} <= cols:
         return "preference"
@@ -92,11 +108,24 @@ def detect_format(columns: list[str]) -> str | None:
         return "seq2seq"
     if {"prompt", "completion"} <= cols:
         return "prompt_completion"
+    if "instruction" in cols:
+        return "alpaca"
     if "prompt" in cols:
         return "prompt"
-    if "text" in cols:
+    if text_field in cols:
         return "text"
     return None
+
+
+def required_columns(fmt: str, kind: str, columns: list[str], *, text_field: str = "text") -> tuple[str, ...]:
+    """The columns a file of ``fmt`` must have to feed a dataset of ``kind``."""
+    if fmt == "messages" and "conversations" in columns:
+        return ("conversations",)
+    if fmt == "text":
+        return (text_field,)
+    if fmt == "alpaca" and kind == "prompt":
+        return ("instruction",)
+    return REQUIRED_COLUMNS[fmt]
 
 
 # ---------------------------------------------------------------------------------------------- fields
@@ -127,7 +156,12 @@ def _messages(row: dict, field: str) -> list[dict]:
             raise RowError(f"message {i} is a {type(m).__name__}, expected a dict", field)
         role, content = m.get("role", m.get("from")), m.get("content", m.get("value"))
         if role not in _SHAREGPT_ROLES:
-            raise RowError(f"message {i} has unknown role {role!r}", field)
+            key = "from" if "from" in m and "role" not in m else "role"
+            raise RowError(
+                f"message {i} has unknown role {role!r} in {key!r} (known: user, assistant, system; "
+                "ShareGPT's human, gpt)",
+                field,
+            )
         if not isinstance(content, str):
             raise RowError(f"message {i} content must be a string, got {type(content).__name__}", field)
         try:
@@ -184,10 +218,10 @@ def _cut_prompt(ids: list[int], opts: dict, field: str) -> list[int]:
     return ids[len(ids) - limit :]
 
 
-def _pair(tokenizer, prompt: str, completion: str, opts: dict, field: str):
+def _pair(tokenizer, prompt: str, completion: str, opts: dict, field: str, prompt_field: str = "prompt"):
     """Decoder-only (ids, loss_mask): [BOS] prompt completion EOS, loss on completion and EOS."""
     prefix = list(tokenizer.prefix_ids)
-    p = _cut_prompt(tokenizer.encode(prompt), opts, "prompt") if prompt else []
+    p = _cut_prompt(tokenizer.encode(prompt), opts, prompt_field) if prompt else []
     c = tokenizer.encode(completion) + [tokenizer.eos_token_id]
     ids = prefix + p + c
     mask = [0] * (len(prefix) + len(p)) + [1] * len(c)
@@ -201,6 +235,36 @@ def _finish(ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
     if not any(mask):
         raise RowError("no token to train on after tokenization")
     return ids, mask
+
+
+# ---------------------------------------------------------------------------------------------- alpaca
+def _alpaca_fields(row: dict[str, Any]) -> tuple[str, str]:
+    """``(instruction, input)`` of an alpaca row; a missing or null ``input`` is ``""``."""
+    instruction = _text(row, "instruction")
+    return instruction, _text(row, "input", allow_empty=True) if row.get("input") is not None else ""
+
+
+def alpaca_user_text(row: dict[str, Any]) -> str:
+    """The request of an alpaca row as one user message: ``instruction``, then ``"\\n\\n"`` + ``input`` when
+    the input is not empty."""
+    instruction, extra = _alpaca_fields(row)
+    return f"{instruction}\n\n{extra}" if extra else instruction
+
+
+def alpaca_prompt(row: dict[str, Any], tokenizer) -> str | list[dict]:
+    """The prompt of an alpaca row (``instruction``, optional ``input``).
+
+    With a chat template (the tokenizer's, or ``DataConfig.template``): one user message,
+    :func:`alpaca_user_text` (what TRL users get by mapping alpaca rows to messages). Without one: the text
+    alpaca-lora trains on, ``ALPACA_PROMPT`` / ``ALPACA_PROMPT_INPUT`` (the input section only when the
+    input is not empty), ending in ``"### Response:\\n"``.
+    """
+    if tokenizer.chat_template is not None:
+        return [{"role": "user", "content": alpaca_user_text(row)}]
+    instruction, extra = _alpaca_fields(row)
+    if extra:
+        return ALPACA_PROMPT_INPUT.format(instruction=instruction, input=extra)
+    return ALPACA_PROMPT.format(instruction=instruction)
 
 
 # ------------------------------------------------------------------------------------------ preference
@@ -294,13 +358,14 @@ def process_row(row: dict[str, Any], fmt: str, kind: str, tokenizer, opts: dict)
     """
     if kind == "sft":
         if fmt == "text":
-            text = _text(row, "text")
+            text_field = opts.get("text_field", "text")
+            text = _text(row, text_field)
             ids = list(tokenizer.prefix_ids) + tokenizer.encode(text) + [tokenizer.eos_token_id]
             if len(ids) > opts["max_length"]:
                 if opts["truncation"] != "left":
                     raise RowError(
                         f"{len(ids)} tokens > max_length {opts['max_length']}",
-                        "text",
+                        text_field,
                         drop=opts["truncation"] == "drop",
                     )
                 ids = ids[: opts["max_length"]]
@@ -309,6 +374,13 @@ def process_row(row: dict[str, Any], fmt: str, kind: str, tokenizer, opts: dict)
             ids, mask = _finish(
                 *_pair(tokenizer, _text(row, "prompt", True), _text(row, "completion"), opts, "completion")
             )
+        elif fmt == "alpaca":
+            prompt, output = alpaca_prompt(row, tokenizer), _text(row, "output")
+            if isinstance(prompt, list):
+                ids, mask = _chat(tokenizer, [*prompt, {"role": "assistant", "content": output}], "output")
+                ids, mask = _finish(*_fit(ids, mask, len(tokenizer.prefix_ids), opts, "output"))
+            else:
+                ids, mask = _finish(*_pair(tokenizer, prompt, output, opts, "output", "instruction"))
         else:
             field = "messages" if "messages" in row else "conversations"
             ids, mask = _chat(tokenizer, _messages(row, field), field)
@@ -339,6 +411,9 @@ def process_row(row: dict[str, Any], fmt: str, kind: str, tokenizer, opts: dict)
         elif fmt == "preference":
             field = "prompt"
             value = split_preference(row)[0]
+        elif fmt == "alpaca":
+            field = "instruction"
+            value = alpaca_prompt(row, tokenizer)
         else:
             field = "prompt"
             value = row.get("prompt")

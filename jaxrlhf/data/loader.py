@@ -9,17 +9,24 @@ are dropped (a different set each epoch) so that every step has the same shape o
 State: ``{"epoch", "step", "seed"}`` — three integers to store in the checkpoint. ``restore(state)`` and
 iterating yields exactly the batches an uninterrupted run would have yielded next. Streaming datasets are
 shuffled with a seeded buffer per epoch, split across hosts with ``split_dataset_by_node``, and resumed by
-skipping the examples already consumed in the epoch.
+skipping the examples already consumed in the epoch. A streaming dataset of several files (one shard each,
+see :mod:`jaxrlhf.data.sources`) is split by files when their number divides by the process count: each
+process then reads only its own files (the shard order shuffled the same way on every process, so together
+they read every file once per epoch). Otherwise every process reads every file and keeps one example in
+``P`` (disjoint and complete as well, with ``P`` times the reading); a warning says so.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from jaxrlhf.data.packing import bucket_for, pad_left, pad_right
+
+logger = logging.getLogger("jaxrlhf.data")
 
 
 def collate(examples: list[dict[str, Any]], dataset) -> dict[str, np.ndarray]:
@@ -170,6 +177,14 @@ class Loader:
             from datasets.distributed import split_dataset_by_node
 
             ds = self.dataset.data
+            shards = ds.num_shards
+            if self.process_count > 1 and shards % self.process_count and self.epoch == 0 and not self.step:
+                p = self.process_count
+                logger.warning(
+                    "streaming data: %d shard(s) (files) do not divide over %d processes, so every process "
+                    "reads every file and keeps 1 example in %d; give a multiple of %d files to read "
+                    "disjoint files", shards, p, p, p,
+                )  # fmt: skip
             if self.shuffle:
                 ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
                 ds.set_epoch(self.epoch)

@@ -1,9 +1,14 @@
-"""Raw rows from local files and directories (json, jsonl, parquet, csv, arrow, ``save_to_disk`` folders)
-or, when the user names one, a hub dataset id — all through ``datasets``.
+"""Raw rows from local files, globs of files and directories (json, jsonl, parquet, csv, arrow; json /
+jsonl / csv also ``.gz`` or ``.zst`` compressed; ``save_to_disk`` folders) or, when the user names one, a hub
+dataset id — all through ``datasets``.
 
 Local files are loaded one by one so that an error can name the file and the row inside it. A single file
-is used whatever its name; a directory selects the files of a split by name (``train.jsonl``,
-``train-00000.parquet``, ``train/part.csv``); when no file names a split, every file belongs to ``train``.
+is used whatever its name, and so is every file a glob matches (``corpus/shard-*.jsonl.zst``: the shards of
+a pre-training corpus such as RedPajama, The Pile or Dolma; ``refinedweb/*.parquet``); a directory selects
+the files of a split by name (``train.jsonl``, ``train-00000.parquet``, ``train/part.csv``); when no file
+names a split, every file belongs to ``train``. Streaming reads keep one dataset (one shard) per file, so
+that each process of a multi-host run reads its own files (see :mod:`jaxrlhf.data.loader`). ``.zst`` files
+need the ``zstandard`` package.
 When ``datasets`` cannot read a JSON-lines or CSV file (invalid UTF-8, invalid JSON, lone surrogates), the
 file is scanned line by line to name every bad row (up to ``errors.MAX_REPORTED``, in one error); under
 ``on_bad_row="skip"`` the bad lines of a JSON-lines file are marked and then skipped (and counted) like any
@@ -12,6 +17,8 @@ bad row. Streaming reads check these files up front.
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import json
 import os
 import tempfile
@@ -21,13 +28,33 @@ from jaxrlhf.data.errors import MAX_REPORTED, DataError, bad_rows_error
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 BAD_ROW_REASON, BAD_ROW_FIELD = "__jaxrlhf_bad_row__", "__jaxrlhf_bad_field__"
 _SPLIT_NAMES = ("train", "validation", "valid", "val", "test", "eval", "dev")
+_COMPRESSED = (".gz", ".zst")  # of the text formats (datasets reads them through fsspec)
 
 
 def _builder(path: str) -> str | None:
     for ext, builder in _BUILDERS.items():
-        if path.endswith(ext) or path.endswith(ext + ".gz"):
+        compressed = tuple(ext + c for c in _COMPRESSED) if builder in ("json", "csv") else ()
+        if path.endswith((ext, *compressed)):
             return builder
     return None
+
+
+def is_glob(path: str) -> bool:
+    """Whether ``path`` is a glob pattern (``*``, ``?``, ``[...]``) rather than an existing path."""
+    return glob.has_magic(path) and not os.path.exists(path)
+
+
+def _glob_files(pattern: str) -> list[str]:
+    files = sorted(f for f in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(f))
+    if not files:
+        raise DataError("no files match the glob", file=pattern)
+    for f in files:
+        if _builder(f) is None:
+            raise DataError(
+                f"the glob {pattern!r} matches a file of an unsupported type; use one of {sorted(_BUILDERS)}",
+                file=f,
+            )
+    return files
 
 
 def _split_of(rel_path: str) -> str | None:
@@ -41,7 +68,9 @@ def _split_of(rel_path: str) -> str | None:
 
 
 def local_files(path: str, split: str) -> list[str]:
-    """The data files of ``split`` under a local file or directory (sorted)."""
+    """The data files of ``split`` under a local file, glob or directory (sorted)."""
+    if is_glob(path):
+        return _glob_files(path)  # the files the user named are the split
     if os.path.isfile(path):
         if _builder(path) is None:
             raise DataError(f"unsupported file type; use one of {sorted(_BUILDERS)}", file=path)
@@ -104,16 +133,32 @@ def _kind(value) -> str | None:
 
 def _type_problem(value, row: int, kinds: dict) -> tuple[str, str | None] | None:
     """A row that is not a JSON object, or a field whose type differs from the same field in an earlier row
-    (one column holds one type); ``kinds`` records ``field -> (kind, first row)``."""
+    (one column holds one type), also inside objects and lists of objects (ShareGPT's
+    ``conversations[].value``); ``kinds`` records ``path -> (kind, first row)``."""
     if not isinstance(value, dict):
         return f"expected a JSON object per line, got {type(value).__name__}", None
     for field, v in value.items():
-        k = _kind(v)
-        if k is None:
-            continue
-        seen = kinds.setdefault(field, (k, row))
-        if seen[0] != k and not (k.startswith("list") and seen[0] == "list" or seen[0].startswith(k)):
-            return f"holds a {k} here but a {seen[0]} in row {seen[1]} (a column holds one type)", field
+        found = _kind_change(field, v, row, kinds)
+        if found:
+            return found, field
+    return None
+
+
+def _kind_change(path: str, value, row: int, kinds: dict) -> str | None:
+    k = _kind(value)
+    if k is None:
+        return None
+    seen = kinds.setdefault(path, (k, row))
+    if seen[0] != k and not (k.startswith("list") and seen[0] == "list" or seen[0].startswith(k)):
+        where = "" if "." not in path and "[" not in path else f"{path} "
+        return f"{where}holds a {k} here but a {seen[0]} in row {seen[1]} (a column holds one type)"
+    items = value.items() if isinstance(value, dict) else ()
+    if isinstance(value, list):
+        items = [(f"[].{key}", v) for x in value if isinstance(x, dict) for key, v in x.items()]
+    for key, v in items:
+        found = _kind_change(f"{path}.{key}" if isinstance(value, dict) else path + key, v, row, kinds)
+        if found:
+            return found
     return None
 
 
@@ -158,6 +203,13 @@ def _first_line_not_object(path: str) -> bool:
 
 
 def _load_file(datasets, file: str, streaming: bool, cache_dir, on_bad_row: str):
+    if file.endswith(".zst") and importlib.util.find_spec("zstandard") is None:
+        raise DataError(
+            "reading zstandard-compressed (.zst) files needs the zstandard package: pip install zstandard",
+            file=file,
+        )
+    compressed = file.endswith(_COMPRESSED)
+
     def load(path):
         return datasets.load_dataset(
             _builder(file), data_files=path, split="train", streaming=streaming, cache_dir=cache_dir
@@ -172,10 +224,10 @@ def _load_file(datasets, file: str, streaming: bool, cache_dir, on_bad_row: str)
     except Exception as e:
         error = e
     else:  # streaming reads lazily: check text files up front
-        if _builder(file) not in ("json", "csv") or file.endswith(".gz") or not _scan_lines(file)[1]:
+        if _builder(file) not in ("json", "csv") or compressed or not _scan_lines(file)[1]:
             return ds
         error = None
-    if _builder(file) not in ("json", "csv") or file.endswith(".gz"):
+    if _builder(file) not in ("json", "csv") or compressed:
         raise DataError(f"cannot read the file ({type(error).__name__}: {error})", file=file) from error
     lines, bad = _scan_lines(file)
     if not bad:
@@ -219,7 +271,7 @@ def load_sources(
     """``[(name, datasets.Dataset | IterableDataset), ...]``: one per local file, or one for a hub id."""
     import datasets
 
-    if not os.path.exists(path):
+    if not os.path.exists(path) and not is_glob(path):
         if path.startswith((".", "/", "~")) or _builder(path) is not None:
             raise DataError("no such file or directory", file=path)
         # a hub id, only when the user names one

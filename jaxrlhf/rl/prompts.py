@@ -2,7 +2,8 @@
 
 Prompts come from any prompt-bearing dataset format through ``data.build_dataset(kind="prompt")`` (the one
 tokenisation path: plain ``prompt`` text; ``messages`` / a ``prompt`` message list through the chat template
-with the generation prompt; preference and prompt/completion rows' prompt), are length-bucketed
+with the generation prompt; preference and prompt/completion rows' prompt; alpaca rows' instruction and
+input, as the data layer renders them), are length-bucketed
 (``DataConfig.bucket_lengths``, default powers of two) and read by :class:`jaxrlhf.data.Loader` (deterministic
 order, resumable from ``state()``). Each :class:`PromptBatch` keeps, for this process's rows, the prompt
 text, the chat messages and the other source columns (for Python reward functions).
@@ -34,7 +35,8 @@ class PromptBatch(NamedTuple):
     """A batch of prompts: global arrays plus this process's rows on the host.
 
     prompt_ids / prompt_mask: [B, P] left-padded (global ``jax.Array`` with a mesh, else numpy).
-    prompts:  this process's prompt strings (a chat prompt: the last user message's content).
+    prompts:  this process's prompt strings (a chat prompt: the last user message's content; an alpaca
+              row: its instruction, and input when there is one).
     messages: the chat prompt as a message list (None for plain-text prompts), for re-tokenisation.
     columns:  every other source column (name -> list, one entry per local row), passed by name to Python
               reward functions (e.g. a reference ``answer``).
@@ -65,6 +67,8 @@ def _chat_messages(row: dict) -> list[dict] | None:
 
 
 def _prompt_text(row: dict, messages: list[dict] | None) -> str:
+    if messages is None and "prompt" not in row and "instruction" in row:  # alpaca: instruction (+ input)
+        return data.formats.alpaca_user_text(row)
     if messages is None:
         return str(row.get("prompt", ""))
     users = [m["content"] for m in messages if m["role"] == "user"]
