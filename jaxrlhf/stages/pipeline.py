@@ -6,11 +6,12 @@ by path::
 
     method=ppo   sft -> rm -> ppo     runs/<name>/{sft,rm,ppo}/    (ppo: model.path = sft/stage,
     method=grpo  sft -> rm -> grpo    runs/<name>/{sft,rm,grpo}/          reward.path = rm/stage)
+    method=rloo  sft -> rm -> rloo    runs/<name>/{sft,rm,rloo}/          (as grpo)
     method=dpo   sft -> dpo           runs/<name>/{sft,dpo}/       (dpo: model.path = sft/stage)
 
 An RL section that sets ``reward.path: null`` (a Python reward alone, ``reward.function``) skips the RM.
 
-Each stage section (``sft``, ``rm``, ``ppo``, ``dpo``, ``grpo``) holds that stage's own config keys
+Each stage section (``sft``, ``rm``, ``ppo``, ``dpo``, ``grpo``, ``rloo``) holds that stage's own config keys
 (checked against its config class: unknown keys are errors), optionally on top of a stage YAML named by
 ``from`` (``sft: {from: configs/tiny/sft.yaml, optim: {total_steps: 200}}``). The pipeline sets each
 stage's ``name``, ``output_dir`` and the paths that chain the stages; a section that sets them itself is
@@ -57,13 +58,15 @@ STAGE_CLASSES: dict[str, tuple[str, str]] = {
     "ppo": ("jaxrlhf.stages.ppo", "PPOConfig"),
     "dpo": ("jaxrlhf.stages.dpo", "DPOConfig"),
     "grpo": ("jaxrlhf.stages.grpo", "GRPOConfig"),
+    "rloo": ("jaxrlhf.stages.rloo", "RLOOConfig"),
 }
 CHAINS: dict[str, tuple[str, ...]] = {
     "ppo": ("sft", "rm", "ppo"),
     "dpo": ("sft", "dpo"),
     "grpo": ("sft", "rm", "grpo"),
+    "rloo": ("sft", "rm", "rloo"),
 }
-_RL = ("ppo", "grpo")
+_RL = ("ppo", "grpo", "rloo")
 _SET_BY_PIPELINE = ("name", "output_dir")
 # what a failed run may leave in a run directory it created; such a directory is removed
 _HALF_MADE = {"config.yaml", "run.json", "tokenizer", "cache"}
@@ -72,20 +75,22 @@ _HALF_MADE = {"config.yaml", "run.json", "tokenizer", "cache"}
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """``name``: the run's name (stage runs are ``<name>-<stage>``); ``output_dir``: default ``runs/<name>``;
-    ``method``: ``ppo`` (SFT -> RM -> PPO), ``dpo`` (SFT -> DPO) or ``grpo`` (SFT -> RM -> GRPO);
+    ``method``: ``ppo`` (SFT -> RM -> PPO), ``dpo`` (SFT -> DPO), ``grpo`` (SFT -> RM -> GRPO) or
+    ``rloo`` (SFT -> RM -> RLOO);
     ``samples``: the sample settings of the SFT and the final stage (null: each section's own);
-    ``sft`` / ``rm`` / ``ppo`` / ``dpo`` / ``grpo``: that stage's config keys (``from``: a stage YAML that
-    the keys override); a section the method does not run may be left out."""
+    ``sft`` / ``rm`` / ``ppo`` / ``dpo`` / ``grpo`` / ``rloo``: that stage's config keys (``from``: a stage
+    YAML that the keys override); a section the method does not run may be left out."""
 
     name: str = "pipeline"
     output_dir: str | None = None
-    method: Literal["ppo", "dpo", "grpo"] = "ppo"
+    method: Literal["ppo", "dpo", "grpo", "rloo"] = "ppo"
     samples: SampleConfig | None = None
     sft: dict[str, Any] | None = None
     rm: dict[str, Any] | None = None
     ppo: dict[str, Any] | None = None
     dpo: dict[str, Any] | None = None
     grpo: dict[str, Any] | None = None
+    rloo: dict[str, Any] | None = None
 
     def __post_init__(self):
         for stage in self.chain():

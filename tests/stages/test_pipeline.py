@@ -132,6 +132,13 @@ def test_wiring_and_chains(tmp_path):
         pipeline.PipelineConfig, YAML, ["ppo.reward.path=null", "ppo.reward.function=tiny"]
     )
     assert python_reward.chain() == ("sft", "ppo") and python_reward.stage_config("ppo").reward.path is None
+    for method in ("grpo", "rloo"):  # group-baseline stages: SFT policy, the RM stage as reward
+        group = load_config(pipeline.PipelineConfig, YAML, [f"output_dir={tmp_path}", f"method={method}"])
+        assert group.chain() == ("sft", "rm", method)
+        stage = group.stage_config(method)
+        assert type(stage).__name__ == f"{method.upper()}Config" and stage.name == f"tiny-pipeline-{method}"
+        assert stage.model.path == str(tmp_path / "sft" / "stage")
+        assert stage.reward.path == str(tmp_path / "rm" / "stage")
     with pytest.raises(ConfigError, match="method=dpo runs the 'dpo' stage: add a 'dpo' section"):
         pipeline.PipelineConfig(method="dpo", sft={"data": {"path": "tiny:sft.jsonl"}})
 
