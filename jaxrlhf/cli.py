@@ -233,7 +233,13 @@ def _run_tool(name: str, tool_args: list[str]) -> int:
     debug = "--log-level" in tool_args and "debug" in [a.lower() for a in tool_args]
     if not debug:
         _cli_output.quiet()
-    result = getattr(module, fn_name)(tool_args)
+    try:
+        result = getattr(module, fn_name)(tool_args)
+    except SystemExit as e:  # a tool's user error, SystemExit("message"): one message, exit status 2
+        if not isinstance(e.code, str):
+            raise
+        print(e.code, file=sys.stderr)
+        return USER_ERROR
     return int(result) if isinstance(result, int) else 0
 
 

@@ -5,7 +5,10 @@ Formats (detected from the columns by :func:`detect_format`, or named in ``DataC
 ============================  ========================================================================
 ``text``                      ``text`` (continued pre-training: every token after the first is a target);
                               the column is ``DataConfig.text_field`` (RefinedWeb: ``content``)
-``prompt_completion``         ``prompt`` + ``completion`` strings (loss on the completion and its EOS)
+``prompt_completion``         ``prompt`` + ``completion`` strings (loss on the completion and its EOS); or
+                              TRL's conversational form, either one a message list (a string prompt is a
+                              user message, a string completion the assistant's): through the chat
+                              template, loss on the final assistant turn only (as preference responses)
 ``messages``                  ``messages`` (or FastChat / ShareGPT ``conversations``: ``from`` / ``value``
                               turns, ``human`` -> user, ``gpt`` -> assistant, ``system`` -> system; any
                               other role is a bad row): chat through a template, loss on the assistant
@@ -228,6 +231,21 @@ def _pair(tokenizer, prompt: str, completion: str, opts: dict, field: str, promp
     return _fit(ids, mask, len(prefix), opts, field)
 
 
+def _conversation_completion(tokenizer, row: dict, opts: dict) -> tuple[list[int], list[int]]:
+    """A conversational prompt / completion row: prompt messages + completion messages through the chat
+    template, the final assistant turn masked (the tokens a preference response of the same row gets)."""
+    sides = []
+    for field, role in (("prompt", "user"), ("completion", "assistant")):
+        value = row.get(field)
+        sides.append(
+            _messages(row, field)
+            if isinstance(value, list)
+            else [{"role": role, "content": _text(row, field)}]
+        )
+    ids, mask = _chat(tokenizer, sides[0] + sides[1], "completion", last_turn_only=True)
+    return _fit(ids, mask, len(tokenizer.prefix_ids), opts, "completion")
+
+
 def _finish(ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
     mask = list(mask)
     if mask:
@@ -370,6 +388,10 @@ def process_row(row: dict[str, Any], fmt: str, kind: str, tokenizer, opts: dict)
                     )
                 ids = ids[: opts["max_length"]]
             ids, mask = _finish(ids, [1] * len(ids))
+        elif fmt == "prompt_completion" and any(
+            isinstance(row.get(k), list) for k in ("prompt", "completion")
+        ):
+            ids, mask = _finish(*_conversation_completion(tokenizer, row, opts))
         elif fmt == "prompt_completion":
             ids, mask = _finish(
                 *_pair(tokenizer, _text(row, "prompt", True), _text(row, "completion"), opts, "completion")

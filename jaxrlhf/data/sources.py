@@ -12,7 +12,9 @@ need the ``zstandard`` package.
 When ``datasets`` cannot read a JSON-lines or CSV file (invalid UTF-8, invalid JSON, lone surrogates), the
 file is scanned line by line to name every bad row (up to ``errors.MAX_REPORTED``, in one error); under
 ``on_bad_row="skip"`` the bad lines of a JSON-lines file are marked and then skipped (and counted) like any
-bad row. Streaming reads check these files up front.
+bad row. Streaming reads check these files up front. A JSON-lines column holding values of several types
+(strings in some rows, lists in others) is read by ``datasets`` as JSON, which turns a string that is JSON
+text (``"4"``, ``"[5]"``) into a number or a list: such rows are bad rows too, named or skipped.
 """
 
 from __future__ import annotations
@@ -202,6 +204,38 @@ def _first_line_not_object(path: str) -> bool:
     return False
 
 
+def _json_columns(datasets, ds) -> list[str]:
+    """Columns that ``datasets`` read as ``Json`` (values of several types in one column)."""
+    json_type = getattr(datasets, "Json", None)
+    return [k for k, f in (ds.features or {}).items() if json_type is not None and isinstance(f, json_type)]
+
+
+def _scan_json_strings(path: str, columns: list[str]) -> tuple[list[bytes], list[tuple[int, str, str]]]:
+    """Rows of a JSON-lines file whose string in one of ``columns`` (``Json`` columns) is itself valid JSON:
+    ``datasets`` stores such a string unquoted and decodes it (``"4"`` -> ``4``, ``"[5]"`` -> ``[5]``)."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    bad, row = [], 0
+    for line in lines:
+        if not line.strip():
+            continue
+        value = json.loads(line)
+        for col in columns:
+            text = value.get(col) if isinstance(value, dict) else None
+            try:
+                decoded = json.loads(text) if isinstance(text, str) else None
+            except ValueError:
+                continue
+            if isinstance(text, str):
+                bad.append((row, (
+                    f"the string {text[:40]!r} reads as JSON (a {type(decoded).__name__}) in a column that "
+                    "holds other types too, where datasets would decode it; make the column hold one type"
+                ), col))  # fmt: skip
+                break
+        row += 1
+    return lines, bad
+
+
 def _load_file(datasets, file: str, streaming: bool, cache_dir, on_bad_row: str):
     if file.endswith(".zst") and importlib.util.find_spec("zstandard") is None:
         raise DataError(
@@ -215,21 +249,27 @@ def _load_file(datasets, file: str, streaming: bool, cache_dir, on_bad_row: str)
             _builder(file), data_files=path, split="train", streaming=streaming, cache_dir=cache_dir
         )
 
+    scanned = None
     try:
         if _first_line_not_object(file):
             raise DataError("the first row is not a JSON object", file=file)
         ds = load(file)
         if not streaming:
-            return ds
+            mixed = _json_columns(datasets, ds) if file.endswith(".jsonl") else []
+            scanned = _scan_json_strings(file, mixed) if mixed else None
+            if scanned is None or not scanned[1]:
+                return ds
     except Exception as e:
         error = e
     else:  # streaming reads lazily: check text files up front
-        if _builder(file) not in ("json", "csv") or compressed or not _scan_lines(file)[1]:
+        if scanned is None and (
+            _builder(file) not in ("json", "csv") or compressed or not _scan_lines(file)[1]
+        ):
             return ds
         error = None
     if _builder(file) not in ("json", "csv") or compressed:
         raise DataError(f"cannot read the file ({type(error).__name__}: {error})", file=file) from error
-    lines, bad = _scan_lines(file)
+    lines, bad = scanned or _scan_lines(file)
     if not bad:
         raise DataError(f"cannot read the file ({type(error).__name__}: {error})", file=file) from error
     row, reason, field = bad[0]

@@ -48,6 +48,7 @@ __all__ = [
     "RMTrainConfig",
     "evaluate_rewards",
     "make_loss_fn",
+    "pair_metrics",
     "run",
 ]
 
@@ -158,14 +159,23 @@ def evaluate_rewards(
             margins.append(batch["margin"][:real])
             index.extend(int(i) for i in idx)
     r_c, r_r, margins = (np.concatenate(x) for x in (r_c, r_r, margins))
+    metrics = pair_metrics(r_c, r_r, margins, center_coef=center_coef, use_margin=use_margin)
+    return metrics, {"index": index, "r_chosen": r_c, "r_rejected": r_r}
+
+
+def pair_metrics(
+    r_chosen: np.ndarray, r_rejected: np.ndarray, margins: np.ndarray, *, center_coef=0.0, use_margin=True
+) -> dict[str, float]:
+    """The RM eval's metrics of scored pairs ``[N]``: the loss of :func:`jaxrlhf.losses.reward_loss`,
+    ``accuracy`` (fraction with ``r_chosen > r_rejected``), ``margin`` (mean ``r_chosen - r_rejected``),
+    ``reward_mean`` / ``reward_std`` and the chosen / rejected means."""
     loss, m = losses.reward_loss(
-        jnp.asarray(r_c),
-        jnp.asarray(r_r),
+        jnp.asarray(r_chosen),
+        jnp.asarray(r_rejected),
         margin=jnp.asarray(margins) if use_margin else None,
         center_coef=center_coef,
     )
-    metrics = {"loss": float(loss), **{k: float(v) for k, v in m.items() if k != "bt_loss"}}
-    return metrics, {"index": index, "r_chosen": r_c, "r_rejected": r_r}
+    return {"loss": float(loss), **{k: float(v) for k, v in m.items() if k != "bt_loss"}}
 
 
 def _trainable_axes(spec, adapters, lcfg):

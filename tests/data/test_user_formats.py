@@ -121,6 +121,41 @@ def test_sharegpt_conversations_through_the_loader(tmp_path, chat):
     assert masked(chat, ids, mask) == "hello<|im_end|>4<|im_end|>"  # both assistant turns, nothing else
 
 
+def test_conversational_prompt_completion_is_tokenized_as_a_preference_response(tmp_path, chat):
+    """TRL's conversational prompt / completion rows (what ``jaxrlhf generate --output`` writes for chat
+    prompts): the tokens a preference row's response gets, loss on the final assistant turn only."""
+    prompt = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+              {"role": "user", "content": "2+2?"}]  # fmt: skip
+    pref = build(
+        tmp_path, [{"prompt": prompt, "chosen": "4", "rejected": "5"}], chat, "preference", name="p.jsonl"
+    )
+    completions = ("4", [{"role": "assistant", "content": "4"}])  # a string, or the assistant message
+    for i, completion in enumerate(completions):  # one file each: a column holds one type
+        ds = build(tmp_path, [{"prompt": prompt, "completion": completion}], chat, "sft", name=f"c{i}.jsonl")
+        assert ds.data[0]["input_ids"] == pref.data[0]["chosen_input_ids"]
+        assert ds.data[0]["loss_mask"] == pref.data[0]["chosen_loss_mask"]
+    assert masked(chat, ds.data[0]["input_ids"], ds.data[0]["loss_mask"]) == "4<|im_end|>"
+
+
+def test_a_column_of_mixed_types_is_named_not_json_decoded(tmp_path, chat):
+    """datasets reads a column holding strings and lists as JSON and decodes the strings that are JSON text
+    ("4" -> 4, "[5]" -> [5]): such rows are named (or skipped), the others read as written."""
+    prompt = [{"role": "user", "content": "2+2?"}]
+    rows = [{"prompt": prompt, "completion": "4"}, {"prompt": prompt, "completion": "[5]"},
+            {"prompt": prompt, "completion": [{"role": "assistant", "content": "4"}]}]  # fmt: skip
+    rows.insert(1, {"prompt": prompt, "completion": "four"})  # a string that is not JSON reads back fine
+    with pytest.raises(data.DataError, match=r"the string '\[5\]' reads as JSON \(a list\)") as e:
+        build(tmp_path, rows, chat, "sft")
+    assert (e.value.row, e.value.field) == (0, "completion") and "'4' reads as JSON (a int)" in str(e.value)
+    assert "row 2, field 'completion' (line 3 of the file): the string '[5]'" in str(e.value)
+    ds = build(tmp_path, rows, chat, "sft", on_bad_row="skip")
+    assert len(ds) == 2 and ds.skipped == 2
+    assert [masked(chat, e["input_ids"], e["loss_mask"]) for e in ds.data] == [
+        "four<|im_end|>",
+        "4<|im_end|>",
+    ]
+
+
 def test_alpaca_and_sharegpt_rows_as_rl_prompts(tmp_path, plain, chat):
     from jaxrlhf.rl import prompts as prompts_lib
 
