@@ -13,6 +13,7 @@ tokenizer (with its chat template) is written beside either.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -48,8 +49,9 @@ def export(checkpoint: str, out: str, *, fmt: str = "hf", dtype: str | None = No
     if os.path.isdir(out) and os.listdir(out):
         raise FileExistsError(f"--out {out} exists and is not empty")
     cast = jnp.dtype(dtype) if dtype else None
-    ckpt = train.load_stage(checkpoint, dtype=cast, extras=("reward_head",))
-    stage = ckpt.stage_info.get("stage")
+    with open(os.path.join(checkpoint, "stage.json")) as f:
+        stage = json.load(f).get("stage")
+    ckpt = train.load_stage(checkpoint, dtype=cast, extras=("reward_head",) if stage == "rm" else ())
     tok_dir = ckpt.tokenizer_dir or os.path.join(checkpoint, "tokenizer")
     tokenizer = data.load_tokenizer(tok_dir)
     if fmt == "peft":
