@@ -4,7 +4,7 @@
 Run the same command on every node, changing only --node-rank:
 
     python launch/multinode.py --nnodes 2 --node-rank 0 --coordinator 10.0.0.1:8476 -- \\
-        sft --config configs/llama3_8b/sft_lora.yaml --set train.steps=1000
+        sft --config configs/llama3_8b/sft_lora.yaml --set optim.total_steps=1000
 
 One process per node (default) drives all of the node's accelerators; --nproc-per-node K starts K local
 processes instead, process k driving device k (JAX_LOCAL_DEVICE_IDS=k; with --local-device-ids L, the k-th

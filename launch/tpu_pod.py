@@ -2,7 +2,7 @@
 """Run a jaxrlhf stage on every host of a Cloud TPU VM slice (v4 / v5e / v5p / v6e ...) from a laptop.
 
     launch/tpu_pod.py my-v5p-32 us-east5-a --accelerator-type v5p-32 --install copy \\
-        --copy-back runs/llama3 -- sft --config configs/llama3_8b/sft_lora.yaml --set train.steps=1000
+        --copy-back runs/llama3 -- sft --config configs/llama3_8b/sft_lora.yaml --set optim.total_steps=1000
 
 Steps, each a gcloud command (--dry-run prints them, one per line, and runs nothing; lines starting with
 "#" say when a step applies):
