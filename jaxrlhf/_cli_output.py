@@ -1,6 +1,6 @@
 """What the ``jaxrlhf`` command does around a stage's ``run(config)``: a quiet console, user errors as one
-message (exit 2), interrupts as exit 130, no half-made run directory after a failure, and at the end a short
-summary of what the stage achieved with the next command to run."""
+message (exit 2), interrupts as exit 130, preemption (SIGTERM) as exit 143, no half-made run directory after
+a failure, and at the end a short summary of what the stage achieved with the next command to run."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 from jaxrlhf.config import ConfigError
 
 logger = logging.getLogger("jaxrlhf")
+PREEMPTED = 143  # 128 + SIGTERM: a checkpoint was saved (on several processes: at the same step)
 
 # third-party noise silenced below --log-level debug (set before the libraries read them)
 _QUIET_ENV = {
@@ -100,12 +101,19 @@ def _run_dir_of(config: Any) -> str:
 
 def run_stage(stage: str, run, config: Any, *, debug: bool) -> int:
     """``run(config)`` with the exit-status contract (module docstring); prints the end-of-stage summary."""
+    import signal
+
+    from jaxrlhf import train
     from jaxrlhf.stages.pipeline import remove_half_made_run_dir
 
     out = _run_dir_of(config)
     existed = os.path.isdir(out)
     try:
-        result = run(config)
+        with train.preemption_guard():  # SIGTERM outside a training loop: exit 143 at once
+            result = run(config)
+    except train.Preempted:
+        print(f"\njaxrlhf {stage}: preempted (SIGTERM); rerun the same command to resume", file=sys.stderr)
+        return PREEMPTED
     except KeyboardInterrupt:
         print(f"\njaxrlhf {stage}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -119,11 +127,13 @@ def run_stage(stage: str, run, config: Any, *, debug: bool) -> int:
         remove_half_made_run_dir(out, existed)
         raise
     if not getattr(result, "stage_dir", "x"):
+        preempted = train.last_stop_signal() == signal.SIGTERM
         print(
-            f"jaxrlhf {stage}: interrupted; checkpoint saved in {out}: rerun the same command to resume",
+            f"jaxrlhf {stage}: {'preempted (SIGTERM)' if preempted else 'interrupted'}; checkpoint saved in "
+            f"{out}: rerun the same command to resume",
             file=sys.stderr,
         )
-        return 130
+        return PREEMPTED if preempted else 130
     try:
         print(summary(stage, result, config))
     except Exception:  # the summary must never turn a finished run into a failure

@@ -7,8 +7,11 @@ clear message. ``jaxrlhf <stage> --help`` lists every config key with its type, 
 
 The console is quiet by default (no libtpu / transformers / ``datasets`` progress-bar noise);
 ``--log-level debug`` brings it back and shows tracebacks. Exit status: 0 done; 2 a user error (a config,
-data, path or run-directory mismatch), reported in one message; 130 interrupted (Ctrl-C / SIGTERM; the
-checkpoint is saved and the same command resumes). A failed run leaves no half-made run directory behind.
+data, path or run-directory mismatch), reported in one message; 130 interrupted (Ctrl-C: the checkpoint is
+saved and the same command resumes); 143 preempted (SIGTERM, as Cloud TPU VMs, spot instances, Slurm and
+Kubernetes send it: the loop finishes its step and saves a checkpoint, on several processes all at the same
+step, and the same command resumes; see RELIABILITY.md). A failed run leaves no half-made run directory
+behind.
 
 Multi-host (Cloud TPU pods, Slurm, SkyPilot, multi-node GPU): ``--distributed`` (or
 ``JAXRLHF_DISTRIBUTED=1``, or a set ``JAX_COORDINATOR_ADDRESS``) calls ``jax.distributed.initialize`` before
@@ -61,7 +64,13 @@ EXAMPLES = {
     "pipeline": "jaxrlhf pipeline --config configs/tiny/pipeline.yaml --set method=dpo",
 }
 INTERRUPTED = 130
+PREEMPTED = _cli_output.PREEMPTED  # 143 = 128 + SIGTERM
 USER_ERROR = 2
+EXIT_HELP = (
+    "exit status: 0 done; 2 a user error (one message); 130 interrupted (Ctrl-C); 143 preempted (SIGTERM:\n"
+    "  the step in progress finishes and a checkpoint is saved, on several processes all at the same step).\n"
+    "  After 130 or 143 rerun the same command: it resumes from that checkpoint."
+)
 
 logger = logging.getLogger("jaxrlhf")
 
@@ -72,14 +81,15 @@ def _build_parser(help_for: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxrlhf",
         description="The RLHF recipe in JAX: each stage reads a YAML config; --set overrides keys.",
-        epilog="main command: jaxrlhf pipeline --config configs/tiny/pipeline.yaml",
+        epilog=f"main command: jaxrlhf pipeline --config configs/tiny/pipeline.yaml\n\n{EXIT_HELP}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     for name, (_, _, help_text) in STAGES.items():
         p = sub.add_parser(
             name,
             help=help_text,
-            description=f"jaxrlhf {name}: {help_text}\n\nexample:\n  {EXAMPLES[name]}",
+            description=f"jaxrlhf {name}: {help_text}\n\nexample:\n  {EXAMPLES[name]}\n\n{EXIT_HELP}",
             epilog=_config_help(name) if name == help_for else None,
             formatter_class=_cli_help.HelpFormatter,
         )

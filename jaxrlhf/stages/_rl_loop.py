@@ -2,7 +2,8 @@
 
 A stage builds its state and update, describes them in an :class:`RLStage`, and :func:`run_loop` does the
 rest on the stage runner: exact resume (state + prompt order), per-iteration rollout
-(:func:`jaxrlhf.rl.rollout.rollout`) -> update, the common metrics (generation / scoring / update seconds,
+(:func:`jaxrlhf.rl.rollout.rollout`) -> KL ceiling (``train.max_kl``, :class:`KLCeilingError`) -> update,
+the common metrics (generation / scoring / update seconds,
 stop fraction, response length, ``reward/<function>`` means), ``rollout_samples.jsonl`` and ``samples/``
 every ``train.eval_every`` iterations, the stage checkpoint + exports, the final policy's samples::
 
@@ -17,9 +18,11 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
+import signal
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +40,9 @@ from jaxrlhf.stages.samples import write_samples
 logger = logging.getLogger("jaxrlhf.rl_loop")
 
 __all__ = [
+    "KL_ACTIONS",
+    "SAFE_KEYS",
+    "KLCeilingError",
     "RLResult",
     "RLStage",
     "RLTrainConfig",
@@ -44,6 +50,7 @@ __all__ = [
     "build_stage_rewards",
     "probe_functions",
     "prompt_loader",
+    "rollout_kl",
     "run_loop",
     "write_rollout_samples",
 ]
@@ -57,13 +64,84 @@ class RolloutConfig:
     sampling: SamplingConfig = SamplingConfig(max_new_tokens=64, temperature=1.0)
 
 
+KL_ACTIONS = ("stop", "lower_lr")
+# config keys an RL run may change on resume (beside the runner's SAFE_TO_CHANGE): more iterations, and the
+# KL ceiling's value and factor (not kl_action: lower_lr adds a factor to the optimizer state)
+SAFE_KEYS = ("train.iterations", "train.max_kl", "train.kl_lr_factor")
+
+
 @dataclasses.dataclass(frozen=True)
 class RLTrainConfig(LoopConfig):
     """Loop settings (:class:`~jaxrlhf.stages.common.LoopConfig`); ``iterations``: rollouts (each followed
-    by one update); ``eval_every``: write rollout samples and the samples' rule score every N iterations."""
+    by one update); ``eval_every``: write rollout samples and the samples' rule score every N iterations.
+    ``max_kl``: a ceiling on the KL to the reference, in nats per completion (the ``kl_ref`` metric: the
+    mean over a rollout's completions of sum_t log pi(y_t) - log pi_ref(y_t)), checked on every rollout
+    before its update; null = off. ``kl_action``: what a rollout above it does: ``stop`` (the run stops
+    before that update with a message; the checkpoint of the policy over the ceiling is set aside in
+    ``checkpoints-over-max-kl/``, so the newest checkpoint is the last one within it) or ``lower_lr`` (the
+    policy's learning rate is multiplied by ``kl_lr_factor`` before that update and stays lowered; the
+    factor is part of the checkpointed optimizer state). ``max_kl`` and ``kl_lr_factor`` may change when a
+    run resumes, ``kl_action`` not."""
 
     iterations: int = 100
     eval_every: int = 10
+    max_kl: float | None = None
+    kl_action: Literal["stop", "lower_lr"] = "stop"
+    kl_lr_factor: float = 0.5
+
+    def __post_init__(self):
+        if self.max_kl is not None and not self.max_kl > 0:
+            raise ValueError(f"train.max_kl must be > 0 (or null: no ceiling), got {self.max_kl}")
+        if self.kl_action not in KL_ACTIONS:
+            raise ValueError(f"train.kl_action must be one of {KL_ACTIONS}, got {self.kl_action!r}")
+        if not 0.0 < self.kl_lr_factor < 1.0:
+            raise ValueError(f"train.kl_lr_factor must be in (0, 1), got {self.kl_lr_factor}")
+
+
+class KLCeilingError(RuntimeError):
+    """A rollout's KL to the reference rose above ``train.max_kl`` under ``train.kl_action=stop``: the run
+    stopped before that iteration's update. Attributes: ``iteration`` (1-based, the update not applied),
+    ``kl``, ``max_kl``, ``checkpoint`` (the newest checkpoint step left, within the ceiling; None: none),
+    ``set_aside`` (the directory the over-the-ceiling checkpoint was moved to, or None)."""
+
+    def __init__(self, iteration: int, kl: float, max_kl: float):
+        self.iteration, self.kl, self.max_kl = iteration, kl, max_kl
+        self.checkpoint: int | None = None
+        self.set_aside: str | None = None
+        super().__init__(self._message(None))
+
+    def _message(self, directory: str | None) -> str:
+        it = self.iteration
+        text = (
+            f"the KL to the reference rose above train.max_kl at iteration {it}: {self.kl:.4g} > "
+            f"{self.max_kl:g} nats per completion (the policy after iteration {it - 1}); the run stopped "
+            f"before iteration {it}'s update"
+        )
+        if self.set_aside is not None:
+            text += f"; the checkpoint of step {it - 1} (over the ceiling) was moved to {self.set_aside}"
+        if directory is not None:
+            text += (
+                f"; the last checkpoint within the ceiling is step {self.checkpoint} in {directory}"
+                if self.checkpoint is not None
+                else "; no checkpoint within the ceiling was kept"
+            )
+        return text + (
+            ". Lower optim.lr, strengthen the KL term (ppo.init_kl_coef / ppo.kl_target, grpo.beta), or set "
+            "train.kl_action=lower_lr; or raise train.max_kl and rerun the same command (it resumes)"
+        )
+
+    def finish(self, checkpoint: int | None, directory: str, set_aside: str | None) -> KLCeilingError:
+        self.checkpoint, self.set_aside = checkpoint, set_aside
+        self.args = (self._message(directory),)
+        return self
+
+
+def rollout_kl(ro: Any) -> jax.Array:
+    """KL(pi || pi_ref) per completion of the policy that sampled ``ro``, in nats (k1 estimate, f32 []):
+    ``mean_r sum_t mask[r, t] * (logprobs[r, t] - ref_logprobs[r, t])`` over the [R, N] rollout; the same
+    number as the stages' ``kl_ref`` metric."""
+    mask = ro.mask.astype(jnp.float32)
+    return jnp.mean(jnp.sum((ro.logprobs - ro.ref_logprobs).astype(jnp.float32) * mask, axis=1))
 
 
 class RLResult(NamedTuple):
@@ -85,7 +163,9 @@ class RLStage:
     ``rm_stats(state)``: the reward model's normaliser for the rollout (None: the RM's reward_stats.json);
     ``save_extras(state)`` -> ``(extras, adapter_sets)`` of the stage checkpoint; ``loaders``: other
     resumable iterators (``state()`` / ``restore()``) the update draws from (PPO-ptx); ``info``: more
-    stage.json entries.
+    stage.json entries; ``scale_lr(state, factor)`` -> the state with the policy's learning rate times
+    ``factor`` and ``lr_scale(state)`` -> that factor (``train.kl_action=lower_lr``; its optimizer made with
+    :func:`jaxrlhf.train.with_lr_scale`).
     """
 
     state: Any
@@ -97,6 +177,8 @@ class RLStage:
     save_extras: Callable[[Any], tuple[dict | None, dict | None]] | None = None
     loaders: dict = dataclasses.field(default_factory=dict)
     info: dict = dataclasses.field(default_factory=dict)
+    scale_lr: Callable[[Any, float], Any] | None = None
+    lr_scale: Callable[[Any], float | None] | None = None
 
 
 # ---------------------------------------------------------------------------------------------- rewards
@@ -234,6 +316,25 @@ def run_loop(
     stop_ids = sampling.stop_token_ids if sampling.stop_token_ids is not None else spec.eos_token_ids
     rows = config.data.batch_size * sampling.n
     last_rollout: dict = {}
+    tcfg = config.train
+    lower_lr = tcfg.kl_action == "lower_lr"
+    if lower_lr and stage.scale_lr is None:
+        raise ValueError(f"train.kl_action=lower_lr: the {r.stage} stage cannot lower its learning rate")
+
+    def kl_ceiling(st, ro, it: int):
+        """``train.max_kl`` on this rollout (of the policy after ``it`` updates): stop or lower the lr."""
+        kl = float(jax.device_get(rollout_kl(ro)))
+        if kl <= tcfg.max_kl:
+            return st
+        if not lower_lr:
+            raise KLCeilingError(it + 1, kl, tcfg.max_kl)
+        st = stage.scale_lr(st, tcfg.kl_lr_factor)
+        logger.warning(
+            "iteration %d: KL to the reference %.4g > train.max_kl %g: the policy's learning rate is "
+            "multiplied by %g (now %g x optim.lr)", it + 1, kl, tcfg.max_kl, tcfg.kl_lr_factor,
+            stage.lr_scale(st) if stage.lr_scale is not None else float("nan"),
+        )  # fmt: skip
+        return st
 
     def step_fn(st, batch: prompts_lib.PromptBatch):
         it = int(jax.device_get(st.step))
@@ -244,10 +345,14 @@ def run_loop(
             rm_stats=None if stage.rm_stats is None else stage.rm_stats(st), compute_dtype=compute_dtype,
             attention_impl=attention_impl, mesh=mesh, timings=timings,
         )  # fmt: skip
+        if tcfg.max_kl is not None:
+            st = kl_ceiling(st, ro, it)
         t1 = time.perf_counter()
         st, m = stage.update(st, ro, jax.random.fold_in(key, 1))
         jax.block_until_ready(st.step)
         m = dict(m)
+        if lower_lr and stage.lr_scale is not None:
+            m["lr_scale"] = stage.lr_scale(st)
         m.update(
             **timings,
             update_seconds=time.perf_counter() - t1,
@@ -274,6 +379,7 @@ def run_loop(
         first_eval = eval_fn(state)
         if writer is not None:
             writer.write(0, {f"eval/{k}": v for k, v in first_eval.items()})
+    stopped = None
     try:
         result = train_lib.train_loop(
             state, step_fn, batches, total_steps=config.train.iterations,
@@ -283,14 +389,21 @@ def run_loop(
             progress=config.train.progress and common.is_primary(),
             max_nonfinite_steps=config.train.max_nonfinite_steps,
         )  # fmt: skip
+    except KLCeilingError as e:
+        stopped = e
     finally:
-        mgr.close()  # pending async saves finish, also when the loop raises (divergence)
+        mgr.close()  # pending async saves finish, also when the loop raises (divergence, KL ceiling)
+    if stopped is not None:
+        if writer is not None:
+            writer.close()
+        raise _set_aside_over_ceiling(r, stopped)
     state, it = result.state, int(jax.device_get(result.state.step))
     trained = runner.Trained(
         state, result.last_metrics, result.eval_metrics, first_eval, result.interrupted, writer
     )
     if result.interrupted:
-        logger.warning("interrupted at iteration %d: checkpoint saved, rerun the same command to resume", it)
+        how = "preempted (SIGTERM)" if result.stop_signal == signal.SIGTERM else "interrupted"
+        logger.warning("%s at iteration %d: checkpoint saved, rerun the same command to resume", how, it)
         runner.finish(trained, it)
         return RLResult(r.out, "", result.last_metrics, result.eval_metrics, first_eval, {})
     b, ad = stage.policy(state, True)
@@ -306,3 +419,23 @@ def run_loop(
     )  # fmt: skip
     runner.finish(trained, it, {f"samples/{k}": v for k, v in summary.items()})
     return RLResult(r.out, stage_dir, result.last_metrics, result.eval_metrics, first_eval, summary)
+
+
+def _set_aside_over_ceiling(r: runner.Run, e: KLCeilingError) -> KLCeilingError:
+    """After a KL stop (the checkpoint manager closed): move the checkpoint of the policy over the ceiling
+    (step ``iteration - 1``, if one was written) to ``checkpoints-over-max-kl/``, so a rerun resumes from
+    the last policy within the ceiling; the error names what is left."""
+    ck = os.path.join(r.out, "checkpoints")
+    bad = e.iteration - 1
+    aside = None
+    if bad > 0 and os.path.isdir(os.path.join(ck, str(bad))):
+        aside = os.path.join(r.out, "checkpoints-over-max-kl", str(bad))
+        if common.is_primary():
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            if os.path.exists(aside):
+                shutil.rmtree(aside)
+            os.replace(os.path.join(ck, str(bad)), aside)
+        train_lib.checkpoint.sync(f"jaxrlhf-kl-ceiling:{r.out}")
+    left = sorted(int(n) for n in os.listdir(ck) if n.isdigit()) if os.path.isdir(ck) else []
+    logger.error("KL ceiling: %s", e)
+    return e.finish(left[-1] if left else None, ck, aside)

@@ -1,12 +1,13 @@
 """GRPO: ``jaxrlhf grpo --config FILE.yaml --set key=value ...`` (group-relative policy optimisation).
 
 Each iteration samples ``data.batch_size`` prompts x ``rollout.sampling.n`` completions (the group), scores
-them in one pass (old log-probs; reference log-probs when ``grpo.beta > 0``; rewards), and improves the
-policy with one jitted update (:mod:`jaxrlhf.rl.grpo`: group-normalised advantages, TRL's loss types, epochs
-x minibatches in one ``lax.scan``). The actors: the policy ``model.path`` (an SFT stage checkpoint or a HF
-directory), full or LoRA; the reference (only with ``beta > 0``) = the frozen starting weights (LoRA: the
-same base without adapters, no copy); rewards: a reward-model stage checkpoint (``reward.path``) and/or
-Python functions (``reward.function``), as in PPO. ``grpo.num_generations`` is ``rollout.sampling.n``.
+them in one pass (old log-probs; reference log-probs when ``grpo.beta > 0`` or ``train.max_kl`` is set;
+rewards), and improves the policy with one jitted update (:mod:`jaxrlhf.rl.grpo`: group-normalised
+advantages, TRL's loss types, epochs x minibatches in one ``lax.scan``). The actors: the policy
+``model.path`` (an SFT stage checkpoint or a HF directory), full or LoRA; the reference (only with
+``beta > 0`` or a KL ceiling) = the frozen starting weights (LoRA: the same base without adapters, no
+copy); rewards: a reward-model stage checkpoint (``reward.path``) and/or Python functions
+(``reward.function``), as in PPO. ``grpo.num_generations`` is ``rollout.sampling.n``.
 
 Writes ``runs/<name>/`` like PPO: ``metrics.jsonl`` (per iteration: reward mean / std and per function,
 group reward std, fraction of groups with zero std, completion length, stop fraction, clip fraction, KL,
@@ -74,7 +75,7 @@ def run(config: GRPOConfig) -> RLResult:
 
 def run_group_stage(config, stage_name: str, hp: rl.GRPOHyperParams) -> RLResult:
     """The GRPO / RLOO stage: ``config`` has the fields of :class:`GRPOConfig` (``hp`` its update section)."""
-    r = runner.start(config, stage_name, safe_keys=("train.iterations",))
+    r = runner.start(config, stage_name, safe_keys=_rl_loop.SAFE_KEYS)
     spec, mesh, dtype = r.spec, r.mesh, common.dtype_of(config.model.dtype)
     compute_dtype = common.dtype_of(config.model.compute_dtype)
     impl = resolve_attention_impl(config.model.attention_impl, compute_dtype)
@@ -98,7 +99,7 @@ def run_group_stage(config, stage_name: str, hp: rl.GRPOHyperParams) -> RLResult
     rewards, _ = _rl_loop.build_stage_rewards(config.reward, r, dtype)
     prompts, dcfg = _rl_loop.prompt_loader(config, r, rewards)
     lcfg, base = config.lora, r.params
-    needs_ref = hp.beta > 0
+    needs_ref = hp.beta > 0 or config.train.max_kl is not None  # the KL ceiling measures KL to it
     if lcfg is not None:
         policy, ref = lora_lib.init(spec, base, lcfg, r.fold(1), dtype=dtype), None
     else:  # the state donates its copy; the reference (when used) keeps the loaded weights
@@ -108,6 +109,8 @@ def run_group_stage(config, stage_name: str, hp: rl.GRPOHyperParams) -> RLResult
     held = rollout_lib.parameter_bytes((frozen, ref, policy if lcfg is None else None, rewards.scorer))
     logger.info("parameters held: %.1f MB (policy, reference and reward share what they can)", held / 1e6)
     opt = train_lib.make_optimizer(config.optim)
+    if config.train.kl_action == "lower_lr":  # the KL ceiling may lower the learning rate
+        opt = train_lib.with_lr_scale(opt)
     inner, inner_shard = rl.init_grpo_state(spec, policy, optimizer=opt, rng=r.fold(2), lora_config=lcfg,
                                             mesh=mesh)  # fmt: skip
     del policy
@@ -136,6 +139,8 @@ def run_group_stage(config, stage_name: str, hp: rl.GRPOHyperParams) -> RLResult
     stage = _rl_loop.RLStage(
         state, RLState(rep, inner_shard), models=models_of, update=update_fn, policy=policy_of,
         info={"frozen_bytes": held, "advantage": hp.advantage, "loss_type": hp.loss_type},
+        scale_lr=lambda st, f: RLState(st.step, st.grpo._replace(opt=train_lib.scale_lr(st.grpo.opt, f))),
+        lr_scale=lambda st: train_lib.lr_scale(st.grpo.opt),
     )  # fmt: skip
     return _rl_loop.run_loop(
         r, config, stage, rewards=rewards, prompts=prompts, dcfg=dcfg, sampling=sampling,

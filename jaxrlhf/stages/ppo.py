@@ -117,7 +117,7 @@ def _copy(tree):
 
 def run(config: PPOConfig) -> PPOResult:
     """Run PPO (see the module docstring); resumes from ``checkpoints/`` if present."""
-    r = runner.start(config, "ppo", safe_keys=("train.iterations",))
+    r = runner.start(config, "ppo", safe_keys=_rl_loop.SAFE_KEYS)
     spec, mesh, dtype = r.spec, r.mesh, common.dtype_of(config.model.dtype)
     compute_dtype = common.dtype_of(config.model.compute_dtype)
     impl = resolve_attention_impl(config.model.attention_impl, compute_dtype)
@@ -158,6 +158,8 @@ def run(config: PPOConfig) -> PPOResult:
         held / 1e6, rollout_lib.parameter_bytes(base) / 1e6,
     )  # fmt: skip
     opt_p, opt_c = train_lib.make_optimizer(config.optim), train_lib.make_optimizer(config.critic_optim)
+    if config.train.kl_action == "lower_lr":  # the KL ceiling may lower the policy's learning rate
+        opt_p = train_lib.with_lr_scale(opt_p)
     stats = dict(zip(("mean", "std"), rewards.stats, strict=True)) if rewards.scorer is not None else None
     ppo_state, ppo_shard = rl.init_ppo_state(
         pm, hp, policy, critic, policy_optimizer=opt_p, critic_optimizer=opt_c, rng=r.fold(2),
@@ -185,11 +187,15 @@ def run(config: PPOConfig) -> PPOResult:
             sets = {"critic": (st.ppo.critic["backbone"], c_lcfg)}  # an adapter set on the same base
         return {"value_head": st.ppo.critic["head"]}, sets
 
+    def scale_policy_lr(st: RLState, factor: float) -> RLState:
+        return RLState(st.step, st.ppo._replace(policy_opt=train_lib.scale_lr(st.ppo.policy_opt, factor)))
+
     stage = _rl_loop.RLStage(
         RLState(jax.device_put(jnp.zeros((), jnp.int32), rep), ppo_state), RLState(rep, ppo_shard),
         models=lambda st: rl.rollout_models(pm, st.ppo, frozen, ref=ref), update=update_fn, policy=policy_of,
         rm_stats=lambda st: rl.rm_stats(st.ppo), save_extras=save_extras,
         loaders={"ptx": ptx.loader} if ptx is not None else {}, info={"frozen_bytes": held},
+        scale_lr=scale_policy_lr, lr_scale=lambda st: train_lib.lr_scale(st.ppo.policy_opt),
     )  # fmt: skip
     return _rl_loop.run_loop(
         r, config, stage, rewards=rewards, prompts=prompts, dcfg=dcfg, sampling=sampling,

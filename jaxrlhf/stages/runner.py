@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -376,7 +377,8 @@ def train(run: Run, t: Training, dataset: Any) -> Trained:
     logger.info("train: %s; eval: %s", result.last_metrics, result.eval_metrics)
     if result.interrupted:
         logger.warning(
-            "interrupted at step %d: checkpoint saved, rerun the same command to resume",
+            "%s at step %d: checkpoint saved, rerun the same command to resume",
+            "preempted (SIGTERM)" if result.stop_signal == signal.SIGTERM else "interrupted",
             int(jax.device_get(result.state.step)),
         )
     return Trained(

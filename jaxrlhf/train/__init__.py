@@ -34,9 +34,27 @@ from jaxrlhf.train.checkpoint import (
     save_stage,
     weights_fingerprint,
 )
-from jaxrlhf.train.loop import DivergenceError, LoopResult, default_tokens, evaluate, train_loop
+from jaxrlhf.train.loop import (
+    DivergenceError,
+    LoopResult,
+    Preempted,
+    default_tokens,
+    evaluate,
+    last_stop_signal,
+    preemption_guard,
+    train_loop,
+)
 from jaxrlhf.train.metrics import MetricsWriter, flops_per_token, peak_flops, read_jsonl
-from jaxrlhf.train.optim import OptimConfig, decay_mask, make_optimizer, make_schedule
+from jaxrlhf.train.optim import (
+    LRScaleState,
+    OptimConfig,
+    decay_mask,
+    lr_scale,
+    make_optimizer,
+    make_schedule,
+    scale_lr,
+    with_lr_scale,
+)
 from jaxrlhf.train.state import (
     TrainState,
     abstract_state,
@@ -53,17 +71,21 @@ __all__ = [
     "DivergenceError",
     "LoopResult",
     "MetricsWriter",
+    "Preempted",
     "StageCheckpoint",
     "default_tokens",
     "evaluate",
     "flops_per_token",
+    "last_stop_signal",
     "load_base",
     "load_stage",
     "peak_flops",
+    "preemption_guard",
     "read_jsonl",
     "save_stage",
     "train_loop",
     "weights_fingerprint",
+    "LRScaleState",
     "OptimConfig",
     "TrainState",
     "abstract_state",
@@ -76,6 +98,9 @@ __all__ = [
     "make_optimizer",
     "make_schedule",
     "make_train_step",
+    "lr_scale",
+    "scale_lr",
+    "with_lr_scale",
     "opt_state_shardings",
     "state_shardings",
 ]

@@ -11,7 +11,12 @@
 - after each step offers the state (and ``batches.state()`` when the batch source has it) to
   ``ckpt_manager.save`` (which saves on its interval), and always saves at the end;
 - on SIGINT / SIGTERM finishes the current step, saves a final checkpoint and returns with
-  ``interrupted=True`` (the run resumes from there); a second Ctrl-C raises KeyboardInterrupt at once;
+  ``interrupted=True`` and ``stop_signal`` (the run resumes from there); a second Ctrl-C raises
+  KeyboardInterrupt at once. SIGTERM is how Cloud TPU VMs, spot / preemptible instances, Slurm and
+  Kubernetes announce preemption: no eval is run on the way out, only the checkpoint. On several
+  processes (``jax.process_count() > 1``) the decision is agreed at every step boundary (see
+  :func:`_agreed_signal`: an all-gather of each process's pending signal), so a signal that reaches
+  one process stops all of them after the same step and they save the same checkpoint;
 - counts the steps that the step function skipped for a non-finite loss or gradient (its ``skipped``
   metric, see :func:`jaxrlhf.train.step.make_train_step`): each is logged with its step, the running total is
   the ``nonfinite_skipped`` metric, and ``max_nonfinite_steps`` of them in a row stop the run with
@@ -23,12 +28,13 @@ Metrics are fetched from the device only at log points, so steps queue without h
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -67,6 +73,52 @@ class LoopResult(NamedTuple):
     last_metrics: dict  # last logged train metrics (Python floats)
     eval_metrics: dict  # last eval metrics
     interrupted: bool  # stopped by a signal (a checkpoint was saved)
+    stop_signal: int | None = None  # signal.SIGTERM (preempted) or SIGINT when interrupted
+
+
+class Preempted(KeyboardInterrupt):
+    """SIGTERM outside a training loop under :func:`preemption_guard` (one process): the command stops at
+    once; what was saved before stays, and rerunning the command resumes from the newest checkpoint."""
+
+
+_last_stop: list[int | None] = [None]  # the signal that stopped this process's newest train_loop
+_pending: list[int | None] = [None]  # a SIGTERM that arrived outside a loop (several processes)
+
+
+def last_stop_signal() -> int | None:
+    """The signal (``signal.SIGTERM`` / ``SIGINT``) that stopped the newest :func:`train_loop` of this
+    process, or None when it ran to the end (or none ran): the command's exit status picks 143 / 130."""
+    return _last_stop[0]
+
+
+@contextlib.contextmanager
+def preemption_guard() -> Iterator[None]:
+    """Around a whole command (the CLI wraps every stage in it): SIGTERM *outside* a training loop.
+
+    Inside :func:`train_loop` SIGTERM stops after the current step with a checkpoint (the loop's own
+    handler). Outside one (start-up, compiling, the stage save, exports): on one process
+    :class:`Preempted` is raised at once (nothing is in flight: the train checkpoints are complete and a
+    stage save is atomic, a partial ``stage.tmp`` is never loaded); on several processes the signal is
+    remembered and the next step boundary of a loop stops every process together (a process that left
+    alone would leave the others waiting in a collective), or, after the last loop, the command finishes.
+    Only on the main thread (signals cannot be handled elsewhere); elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if jax.process_count() == 1:
+            raise Preempted(f"signal {signum}")
+        _pending[0] = signum
+        logger.warning("SIGTERM: every process stops at the next step boundary of the training loop")
+
+    _pending[0] = None
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        _pending[0] = None
 
 
 def default_tokens(batch: Any) -> int:
@@ -98,18 +150,29 @@ def evaluate(eval_step: Callable[[TrainState, Any], dict], state: TrainState, ba
 
 
 class _StopFlag:
+    """The signal this process received during the loop (``signum``; SIGTERM wins over SIGINT) and the
+    one the processes agreed to stop on (``stop``, ``agreed``)."""
+
     def __init__(self):
-        self.stop = False
+        self.signum: int | None = _pending[0]  # a SIGTERM remembered by preemption_guard before the loop
+        self.agreed: int | None = None
         self._old: dict = {}
+
+    @property
+    def stop(self) -> bool:
+        return self.agreed is not None
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # signals can only be handled on the main thread
 
         def handler(signum, frame):
-            if self.stop and signum == signal.SIGINT:
+            if self.signum is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the final checkpoint
-            self.stop = True
+            if self.signum != signal.SIGTERM:
+                self.signum = signum
+            if jax.process_count() == 1:
+                self.agreed = self.signum
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old[sig] = signal.signal(sig, handler)
@@ -117,6 +180,39 @@ class _StopFlag:
     def restore(self) -> None:
         for sig, h in self._old.items():
             signal.signal(sig, h)
+
+    def check(self, step: int) -> bool:
+        """At a step boundary: whether to stop now (every process answers the same)."""
+        if self.agreed is None:
+            self.agreed = _agreed_signal(self.signum)
+            if self.agreed is not None:
+                name = "SIGTERM (preemption)" if self.agreed == signal.SIGTERM else "SIGINT"
+                n = jax.process_count()
+                logger.warning(
+                    "%s: stopping after step %d, saving a checkpoint at step %d%s", name, step, step,
+                    f"; all {n} processes stop here" if n > 1 else "",
+                )  # fmt: skip
+        return self.agreed is not None
+
+
+def _agreed_signal(local: int | None) -> int | None:
+    """The signal every process stops on at this step boundary, or None to go on.
+
+    One process: its own. Several: an all-gather of each process's pending signal (0 = none), so all see the
+    same answer at the same step; SIGTERM wins over SIGINT. This is used instead of JAX's preemption sync
+    point (``multihost_utils.reached_preemption_sync_point``): that service catches SIGTERM in C++ (our
+    handler, installed later, replaces it), and it agrees on a step counter that Orbax's ``save`` also
+    feeds and that a notice arriving before a loop's first call (start-up, the next pipeline stage, a
+    resumed run) leaves behind, so the loop could miss its sync point and never stop. The all-gather adds
+    one tiny collective per step; the loop reads a scalar back from every step anyway (``skipped``)."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    got = np.asarray(multihost_utils.process_allgather(np.asarray(local or 0, np.int32)))
+    if not got.any():
+        return None
+    return int(signal.SIGTERM) if (got == signal.SIGTERM).any() else int(got.max())
 
 
 def train_loop(
@@ -141,10 +237,11 @@ def train_loop(
 
     ``max_nonfinite_steps``: this many skipped (non-finite) steps in a row raise :class:`DivergenceError`
     (0 = never stop; skips are still counted)."""
-    step = int(jax.device_get(state.step))
+    step = start_step = int(jax.device_get(state.step))
     it = iter(batches)
     loader_state = getattr(batches, "state", None)
     flag = _StopFlag()
+    _last_stop[0] = None
     if handle_signals:
         flag.install()
     bar = None
@@ -156,7 +253,7 @@ def train_loop(
     skipped_total, streak = 0, []
     t0, tokens, steps_in_window = time.perf_counter(), 0, 0
     try:
-        while step < total_steps and not flag.stop:
+        while step < total_steps and not flag.check(step):
             try:
                 batch = next(it)
             except StopIteration:
@@ -206,16 +303,19 @@ def train_loop(
                 t0 = time.perf_counter()
             if ckpt_manager is not None:
                 ckpt_manager.save(state, loader_state() if loader_state else None)
-        if eval_fn is not None and (step == total_steps or flag.stop):
+        preempted = flag.agreed == signal.SIGTERM  # save and go: the machine is about to disappear
+        if eval_fn is not None and (step == total_steps or (flag.stop and not preempted)):
             last_eval = _run_eval(eval_fn, state, step, writer)
-        if ckpt_manager is not None:
+        if ckpt_manager is not None and (step > start_step or not flag.stop):
             ckpt_manager.save(state, loader_state() if loader_state else None, force=True)
+        if ckpt_manager is not None:
             ckpt_manager.wait()
     finally:
         flag.restore()
         if bar is not None:
             bar.close()
-    return LoopResult(state, last, last_eval, flag.stop)
+    _last_stop[0] = flag.agreed
+    return LoopResult(state, last, last_eval, flag.stop, flag.agreed)
 
 
 def _diverged(streak: list[int], ckpt_manager: Any) -> DivergenceError:

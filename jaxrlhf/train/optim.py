@@ -15,6 +15,11 @@ Schedules (``s`` = optimizer step, ``W`` = warmup_steps, ``S`` = total_steps, ``
     linear:     lr(s) = lr * (r + (1 - r) * (1 - p))                    p = clip((s - W) / (S - W), 0, 1)
     cosine:     lr(s) = lr * (r + (1 - r) * 0.5 * (1 + cos(pi * p)))
 
+``with_lr_scale(opt)`` appends a factor kept in the optimizer state (``LRScaleState.scale``, 1 at first) that
+multiplies every update, i.e. the learning rate (decoupled weight decay included, as optax scales it by the
+learning rate too); :func:`scale_lr` changes it between steps without recompiling, and because it lives in
+the optimizer state a checkpoint restores it (the RL stages' ``train.kl_action=lower_lr``).
+
 Weight decay (decoupled, AdamW) applies to matrices (``kernel``, ``lora_a``, ``lora_b``) only; norms'
 ``scale`` and every ``bias`` are excluded, and so are embedding tables (``embedding``) unless
 ``decay_embeddings``.
@@ -23,7 +28,7 @@ Weight decay (decoupled, AdamW) applies to matrices (``kernel``, ``lora_a``, ``l
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -144,3 +149,52 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     if cfg.clip_norm is not None and cfg.clip_norm > 0:
         opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
     return opt
+
+
+class LRScaleState(NamedTuple):
+    """State of :func:`with_lr_scale`: ``scale`` (f32 []) multiplies every update of the optimizer."""
+
+    scale: jax.Array
+
+
+def with_lr_scale(opt: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``opt`` followed by a multiplication of its updates by ``LRScaleState.scale`` (1 at init): the
+    learning rate times a factor that :func:`scale_lr` changes between steps (module docstring)."""
+
+    def init(params):
+        del params
+        return LRScaleState(jnp.ones((), jnp.float32))
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u: (u * state.scale).astype(u.dtype), updates), state
+
+    return optax.chain(opt, optax.GradientTransformation(init, update))
+
+
+def _is_scale(x: Any) -> bool:
+    return isinstance(x, LRScaleState)
+
+
+def scale_lr(opt_state: Any, factor: float) -> Any:
+    """``opt_state`` (of an optimizer made by :func:`with_lr_scale`) with its learning-rate factor multiplied
+    by ``factor``; each new factor keeps its array's sharding. Raises ValueError without a factor."""
+    if not any(_is_scale(x) for x in jax.tree.leaves(opt_state, is_leaf=_is_scale)):
+        raise ValueError("scale_lr: the optimizer was not made with with_lr_scale")
+
+    def one(x):
+        if not _is_scale(x):
+            return x
+        new = (x.scale * jnp.float32(factor)).astype(jnp.float32)
+        sharding = getattr(x.scale, "sharding", None)
+        return LRScaleState(jax.device_put(new, sharding) if sharding is not None else new)
+
+    return jax.tree.map(one, opt_state, is_leaf=_is_scale)
+
+
+def lr_scale(opt_state: Any) -> float | None:
+    """The learning-rate factor of ``opt_state`` (:func:`with_lr_scale`), None when it has none."""
+    for x in jax.tree.leaves(opt_state, is_leaf=_is_scale):
+        if _is_scale(x):
+            return float(jax.device_get(x.scale))
+    return None

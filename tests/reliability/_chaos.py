@@ -8,7 +8,12 @@ A kill is described by a :class:`Kill`: ``when`` is one of
   step), then after ``delay`` seconds more (also drawn);
 - ``"checkpoint_tmp"``: the moment a ``checkpoints/<n>.orbax-checkpoint-tmp*`` directory exists (an async
   train-checkpoint write in flight);
-- ``"stage_tmp"``: the moment ``stage.tmp`` exists (the stage checkpoint being written).
+- ``"stage_tmp"``: the moment ``stage.tmp`` exists (the stage checkpoint being written);
+- ``"sigterm"``: like ``"step"``, but the process gets SIGTERM (preemption) instead of SIGKILL and is left
+  to save its checkpoint and exit on its own (exit status 143).
+
+``sub`` names the stage run inside the run directory whose checkpoints the kill watches (a pipeline's
+``sft``, ``rm``, ...; "" = the run directory itself).
 
 The watcher polls every ~2 ms. Partial directories left by an earlier kill do not trigger a kill: only a
 new one does. After the kill it records whether the partial directory was still there (the kill really
@@ -33,9 +38,10 @@ _RESUMED = re.compile(r"resumed from \S+ at step (\d+)")
 
 @dataclasses.dataclass
 class Kill:
-    when: str  # "step" | "checkpoint_tmp" | "stage_tmp"
-    at: int = 0  # step for when="step"
+    when: str  # "step" | "checkpoint_tmp" | "stage_tmp" | "sigterm"
+    at: int = 0  # step for when="step" / "sigterm"
     delay: float = 0.0
+    sub: str = ""  # the stage run (a pipeline's sub-directory) the trigger and checkpoints refer to
 
 
 @dataclasses.dataclass
@@ -111,7 +117,8 @@ def _stage_tmp_id(run_dir: str) -> int | None:
 
 def _triggered(kill: Kill, run_dir: str, since: list[float], old: dict) -> bool:
     """Whether ``kill`` fires now; partial directories left by an earlier kill (``old``) do not count."""
-    if kill.when == "step":
+    run_dir = os.path.join(run_dir, kill.sub)
+    if kill.when in ("step", "sigterm"):
         if not since and _last_new_step(os.path.join(run_dir, "metrics.jsonl"), old["metrics"]) >= kill.at:
             since.append(time.monotonic())
         return bool(since) and time.monotonic() - since[0] >= kill.delay
@@ -128,12 +135,14 @@ def _triggered(kill: Kill, run_dir: str, since: list[float], old: dict) -> bool:
 
 
 def run(cmd: list[str], run_dir: str, log_path: str, cache_dir: str, kill: Kill | None = None) -> Outcome:
-    """Run ``cmd`` (its outputs under ``run_dir``), SIGKILLed when ``kill`` triggers."""
-    ck = os.path.join(run_dir, "checkpoints")
+    """Run ``cmd`` (its outputs under ``run_dir``), SIGKILLed (or sent SIGTERM) when ``kill`` triggers;
+    the outcome's partial / complete checkpoints are those of the stage run ``kill.sub``."""
+    where = os.path.join(run_dir, kill.sub) if kill is not None else run_dir
+    ck = os.path.join(where, "checkpoints")
     old = {
         "ckpt": set(os.listdir(ck)) if os.path.isdir(ck) else set(),
-        "stage": _stage_tmp_id(run_dir),
-        "metrics": set(_lines(os.path.join(run_dir, "metrics.jsonl"))),
+        "stage": _stage_tmp_id(where),
+        "metrics": set(_lines(os.path.join(where, "metrics.jsonl"))),
     }
     with open(log_path, "w") as log:
         p = subprocess.Popen(cmd, env=env(cache_dir), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -144,10 +153,14 @@ def run(cmd: list[str], run_dir: str, log_path: str, cache_dir: str, kill: Kill 
                 if time.monotonic() > deadline:
                     raise AssertionError(f"{' '.join(cmd)} hung (> {TIMEOUT} s); log: {log_path}")
                 if kill is not None and _triggered(kill, run_dir, since, old):
-                    p.send_signal(signal.SIGKILL)
-                    p.wait(30)
+                    if kill.when == "sigterm":  # preemption: the run saves and exits by itself
+                        p.send_signal(signal.SIGTERM)
+                        p.wait(TIMEOUT)
+                    else:
+                        p.send_signal(signal.SIGKILL)
+                        p.wait(30)
                     killed = True
-                    partial, complete = new_partials(run_dir, old), complete_steps(run_dir)
+                    partial, complete = new_partials(where, old), complete_steps(where)
                     break
                 time.sleep(0.002)
         finally:

@@ -1,14 +1,16 @@
 """Resharding: the train checkpoints and stage checkpoints of every stage, written on 8 fake devices
 (``fsdp=8``), restore on another mesh with equal params: 8 -> 1 -> 4 devices.
 
-For each stage of :data:`STAGES` (SFT, RM on it, DPO on it; a later stage adds a row): the CLI runs on 8
-devices. Then, in a process with 1 device and again in one with 4, the same command is rerun on a copy of
-the run directory with ``train.mesh`` (a key that may change on resume) left to fit the new device count:
-the stage's own runner restores the newest train checkpoint onto that mesh (the log's "resumed from ... at
-step N" at the last step), runs no step, and writes the stage checkpoint again from the restored state; those
-stage checkpoints (written on 1 and 4 devices) are loaded on 4 devices (so 8 -> 1 -> 4) and must equal the
-8-device params exactly. The 8-device stage checkpoints are also loaded with
-``load_stage(mesh=...)`` in the 1- and 4-device processes: equal values, and on 4 devices really sharded.
+For each row of the shared stage table (``_stages.py``: SFT, RM on it, DPO on it, PPO and GRPO on it
+against the RM; a later stage adds a row there) the uninterrupted run on 8 devices (the ``uninterrupted``
+fixture, shared with the kill test) is the starting point. Then, in a process with 1 device and again in
+one with 4, the same command is rerun on a copy of the run directory with ``train.mesh`` (a key that may
+change on resume) left to fit the new device count: the stage's own runner restores the newest train
+checkpoint onto that mesh (the log's "resumed from ... at step N" at the last step), runs no step, and
+writes the stage checkpoint again from the restored state; those stage checkpoints (written on 1 and 4
+devices) are loaded on 4 devices (so 8 -> 1 -> 4) and must equal the 8-device params exactly. The 8-device
+stage checkpoints are also loaded with ``load_stage(mesh=...)`` in the 1- and 4-device processes: equal
+values, and on 4 devices really sharded.
 """
 
 from __future__ import annotations
@@ -19,34 +21,14 @@ import subprocess
 import sys
 
 import _chaos
+import _stages
 import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-COMMON = [
-    "train.log_every=1",
-    "train.progress=false",
-    "train.tensorboard=false",
-    "export.hf=false",
-    "checkpoint.every=2",
-]
-STAGES = [
-    ("sft", "configs/tiny/sft.yaml", ["optim.total_steps=4", "train.eval_every=4", "samples.num=0"], ()),
-    (
-        "rm",
-        "configs/tiny/rm.yaml",
-        ["model.path={sft}", "optim.total_steps=4", "train.eval_every=4"],
-        ("reward_head",),
-    ),
-    (
-        "dpo",
-        "configs/tiny/dpo.yaml",
-        ["model.path={sft}", "optim.total_steps=4", "train.eval_every=4", "samples.num=0"],
-        (),
-    ),
-]
+STAGES = [s[0] for s in _stages.STAGES]  # every row of the shared table (_stages.py)
 
 
 def _env(devices: int, cache: str) -> dict:
@@ -66,45 +48,40 @@ def _run(cmd, devices, cache, log):
     return text
 
 
+def _dump(out, items, devices, cache):
+    subprocess.run(
+        [sys.executable, os.path.join(HERE, "_reshard_dump.py"), str(out), *items],
+        env=_env(devices, cache), check=True, cwd=_chaos.ROOT, timeout=_chaos.TIMEOUT,
+    )  # fmt: skip
+    return dict(np.load(out))
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(uninterrupted, tmp_path_factory):
+    """The shared uninterrupted runs (8 devices), each resumed on copies with 1 and 4 devices, and the
+    stage checkpoints of all of them dumped by processes of 8, 1 and 4 devices."""
     d = tmp_path_factory.mktemp("reshard")
-    cache = str(d / "jax_cache")
-    shared = [f"tokenizer.cache_dir={d / 'tok'}", f"data.cache_dir={d / 'data'}"]
-    out, sft = {}, ""
-    for stage, config, sets, extras in STAGES:
-        run8 = d / stage / "8"
-        args = [s.replace("{sft}", sft) for s in sets] + COMMON + shared
-        cmd = _chaos.command(stage, os.path.join(_chaos.ROOT, config), args + [f"output_dir={run8}"])
-        _run(cmd, 8, cache, d / f"{stage}-8.log")
-        if stage == "sft":
-            sft = str(run8 / "stage")
+    cache = uninterrupted.cache
+    out = {}
+    for stage in STAGES:
+        run8 = uninterrupted.run_dir(stage)
         resumed = {}
         for n in (1, 4):
             copy = d / stage / str(n)
             shutil.copytree(run8, copy)
             shutil.rmtree(copy / "stage")
-            cmd = _chaos.command(stage, os.path.join(_chaos.ROOT, config), args + [f"output_dir={copy}"])
+            cmd = uninterrupted.command(stage, str(copy))  # the same command; output_dir may change
             resumed[n] = _chaos._RESUMED.search(_run(cmd, n, cache, d / f"{stage}-{n}.log"))
-        out[stage] = {"8": run8, "resumed": resumed, "extras": extras, "total": 4}
-    items = [f"{out[s]['8'] / 'stage'}:{','.join(out[s]['extras'])}" for s, *_ in STAGES]
+        extras = _stages.EXTRAS.get(stage, ())
+        total = _stages.total_steps(_stages.ROWS[stage][1])
+        out[stage] = {"8": run8, "resumed": resumed, "extras": extras, "total": total}
+    items = [f"{os.path.join(out[s]['8'], 'stage')}:{','.join(out[s]['extras'])}" for s in STAGES]
     for n in (8, 1, 4):
-        f = d / f"dump-{n}.npz"
-        subprocess.run(
-            [sys.executable, os.path.join(HERE, "_reshard_dump.py"), str(f), *items],
-            env=_env(n, cache), check=True, cwd=_chaos.ROOT, timeout=_chaos.TIMEOUT,
-        )  # fmt: skip
-        out[f"dump{n}"] = dict(np.load(f))
-    for stage, *_ in STAGES:
-        items = [
-            f"{out[stage]['8'].parent / str(n) / 'stage'}:{','.join(out[stage]['extras'])}" for n in (1, 4)
-        ]
-        f = d / f"resumed-{stage}.npz"
-        subprocess.run(
-            [sys.executable, os.path.join(HERE, "_reshard_dump.py"), str(f), *items],
-            env=_env(4, cache), check=True, cwd=_chaos.ROOT, timeout=_chaos.TIMEOUT,
-        )  # fmt: skip
-        out[stage]["resumed_dump"] = dict(np.load(f))
+        out[f"dump{n}"] = _dump(d / f"dump-{n}.npz", items, n, cache)
+    # the stage checkpoints written from the train states restored on 1 and 4 devices, all loaded on 4:
+    # item 2 * i + j is stage i resumed on (1, 4)[j]
+    items = [f"{d / s / str(n) / 'stage'}:{','.join(out[s]['extras'])}" for s in STAGES for n in (1, 4)]
+    out["resumed_dump"] = _dump(d / "resumed.npz", items, 4, cache)
     return out
 
 
@@ -112,7 +89,7 @@ def _values(dump, index):
     return {k.split("/", 1)[1]: v for k, v in dump.items() if k.startswith(f"{index}/") and "#" not in k}
 
 
-@pytest.mark.parametrize("index,stage", list(enumerate(s[0] for s in STAGES)))
+@pytest.mark.parametrize("index,stage", list(enumerate(STAGES)))
 def test_stage_checkpoint_loads_on_1_and_4_devices(runs, index, stage):
     ref = _values(runs["dump8"], index)
     assert ref and int(runs["dump8"]["#devices"]) == 8
@@ -127,15 +104,16 @@ def test_stage_checkpoint_loads_on_1_and_4_devices(runs, index, stage):
     assert sharded, f"{stage}: no leaf sharded over the 4 devices"
 
 
-@pytest.mark.parametrize("stage", [s[0] for s in STAGES])
+@pytest.mark.parametrize("stage", STAGES)
 def test_train_checkpoint_resumes_on_1_and_4_devices(runs, stage):
     r = runs[stage]
     for n in (1, 4):
         m = r["resumed"][n]
         assert m is not None and int(m.group(1)) == r["total"], f"{stage} on {n} devices did not resume"
-    ref = _values(runs["dump8"], [s[0] for s in STAGES].index(stage))
-    for i, n in enumerate((1, 4)):
-        got = _values(r["resumed_dump"], i)
+    index = STAGES.index(stage)
+    ref = _values(runs["dump8"], index)
+    for j, n in enumerate((1, 4)):
+        got = _values(runs["resumed_dump"], 2 * index + j)
         assert sorted(got) == sorted(ref)
         for k in ref:  # the stage written from the train state restored on n devices
             np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{stage} {k} resumed on {n} devices")
