@@ -39,6 +39,7 @@ import numpy as np
 
 from jaxrlhf import generation, models, reward_model
 from jaxrlhf.generation import SamplingConfig
+from jaxrlhf.losses import chunked_token_logprobs
 from jaxrlhf.models import heads
 from jaxrlhf.models.spec import ModelSpec
 from jaxrlhf.rl import prompts as prompts_lib
@@ -230,10 +231,17 @@ def completion_logprobs(
         ids = jnp.concatenate([prompt_ids.astype(jnp.int32), tokens.astype(jnp.int32)], axis=1)
         full_mask = jnp.concatenate([prompt_mask > 0, valid], axis=1).astype(jnp.int32)
         hidden = models.forward(spec, params, ids, full_mask, **fkw).hidden[:, p - 1 : p + n - 1]
-    logits = models.lm_head(
-        spec, params, hidden, lora=lora, lora_config=lora_config, compute_dtype=compute_dtype
-    )
-    logprobs, entropy = token_logprobs_entropy(logits, tokens, temperature=temperature)
+    if spec.is_encoder_decoder:  # T5's head may carry LoRA and rescales: the plain head
+        logits = models.lm_head(
+            spec, params, hidden, lora=lora, lora_config=lora_config, compute_dtype=compute_dtype
+        )
+        logprobs, entropy = token_logprobs_entropy(logits, tokens, temperature=temperature)
+    else:  # the head + log-softmax in chunks of positions: no [R, N, V] f32 logits (values and grads equal)
+        h, kernel = models.lm_head_operands(spec, params, hidden, compute_dtype=compute_dtype)
+        out = chunked_token_logprobs(
+            h, kernel, tokens.astype(jnp.int32), temperature=temperature, return_entropy=return_entropy
+        )
+        logprobs, entropy = out if return_entropy else (out, None)
     logprobs = jnp.where(valid, logprobs, 0.0)
     if not (return_entropy or return_hidden):
         return logprobs
