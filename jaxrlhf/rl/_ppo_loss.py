@@ -47,14 +47,19 @@ def split_trainable(lora_config: Any, trainable: Any, base: Any) -> tuple[Any, A
     return base, trainable
 
 
-def ptx_nll_sum(spec, params, lora, lora_config, batch: dict, *, compute_dtype, attention_impl) -> tuple:
+def ptx_nll_sum(
+    spec, params, lora, lora_config, batch: dict, *, compute_dtype, attention_impl, remat: str = "none"
+) -> tuple:
     """``(sum of token NLLs, token count)`` of a pretraining batch under the policy LM (``losses.sft_loss``).
 
     Decoder-only: ``input_ids``, ``attention_mask``, ``loss_mask`` (+ optional ``positions``,
     ``segment_ids``); token t is predicted by position t - 1 where ``loss_mask[t] = 1``. T5: also
     ``decoder_input_ids``, ``decoder_attention_mask``, ``labels`` (the SFT stage's batches).
     """
-    kw = dict(lora=lora, lora_config=lora_config, compute_dtype=compute_dtype, attention_impl=attention_impl)
+    kw = dict(
+        lora=lora, lora_config=lora_config, compute_dtype=compute_dtype, attention_impl=attention_impl,
+        remat=remat,
+    )  # fmt: skip
     if spec.is_encoder_decoder:
         out = models.forward(
             spec, params, batch["input_ids"], batch["attention_mask"],
@@ -81,7 +86,10 @@ def make_ppo_loss(ppo_models: PPOModels, hp: PPOHyperParams) -> Callable:
     """
     completion_logprobs = _completion_logprobs()
     compute_dtype = None if hp.compute_dtype is None else jnp.dtype(hp.compute_dtype)
-    fwd = dict(temperature=hp.temperature, compute_dtype=compute_dtype, attention_impl=hp.attention_impl)
+    fwd = dict(
+        temperature=hp.temperature, compute_dtype=compute_dtype, attention_impl=hp.attention_impl,
+        remat=hp.remat,
+    )  # fmt: skip
     pspec, cspec = ppo_models.policy_spec, ppo_models.critic_spec
     plora, clora = ppo_models.policy_lora, ppo_models.critic_lora
 
@@ -144,6 +152,7 @@ def make_ppo_loss(ppo_models: PPOModels, hp: PPOHyperParams) -> Callable:
                 ptx,
                 compute_dtype=compute_dtype,
                 attention_impl=hp.attention_impl,
+                remat=hp.remat,
             )
             ptx_loss = nll_sum / jnp.maximum(ptx_tokens, 1.0)
             loss = loss + hp.ptx_coef * ptx_loss

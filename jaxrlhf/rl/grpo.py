@@ -85,6 +85,7 @@ class GRPOHyperParams:
     temperature: float = 1.0
     compute_dtype: str | None = None
     attention_impl: str = "plain"
+    remat: str = "none"  # the update's forward: none / full / save_dots (the stages set model.remat)
 
     def __post_init__(self):
         scale = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
@@ -108,6 +109,7 @@ class GRPOHyperParams:
             "importance_sampling_level: token|sequence",
         )
         need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
+        need(self.remat in ("none", "full", "save_dots"), f"remat: none|full|save_dots, not {self.remat!r}")
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         need(
             self.reward_clip_range is None or len(self.reward_clip_range) == 2,
@@ -193,7 +195,10 @@ def make_grpo_loss(spec: Any, hp: GRPOHyperParams, lora_config: Any = None) -> C
     from jaxrlhf.rl.rollout import completion_logprobs
 
     compute_dtype = None if hp.compute_dtype is None else jnp.dtype(hp.compute_dtype)
-    fwd = dict(temperature=hp.temperature, compute_dtype=compute_dtype, attention_impl=hp.attention_impl)
+    fwd = dict(
+        temperature=hp.temperature, compute_dtype=compute_dtype, attention_impl=hp.attention_impl,
+        remat=hp.remat,
+    )  # fmt: skip
     terms_kw = dict(
         loss_type=hp.loss_type, clip_eps=hp.epsilon, clip_eps_high=hp.epsilon_high, delta=hp.delta,
         importance_sampling_level=hp.importance_sampling_level,

@@ -200,13 +200,15 @@ def completion_logprobs(
     return_entropy: bool = False,
     return_hidden: bool = False,
     dropout_rng: jax.Array | None = None,
+    remat: str = "none",
 ):
     """Per-token log-probs ``[R, N]`` of the completions (math in the module docstring); 0 where masked.
 
     Returns ``logprobs``, or a tuple ``(logprobs, entropy [R, N]?, hidden [R, N, E]?)`` with the requested
     extras in that order; ``hidden`` are the final hidden states at the completion positions (what a value
     head on this backbone reads). Decoder-only prompts must be left-padded (as ``GenerateResult.prompt_ids``
-    are): position ``P - 1`` predicts the first completion token. ``dropout_rng`` enables LoRA dropout.
+    are): position ``P - 1`` predicts the first completion token. ``dropout_rng`` enables LoRA dropout;
+    ``remat`` (``none`` / ``full`` / ``save_dots``) rematerialises the blocks in a gradient pass.
     """
     valid = mask > 0
     fkw = dict(
@@ -215,6 +217,7 @@ def completion_logprobs(
         compute_dtype=compute_dtype,
         attention_impl=attention_impl,
         dropout_rng=dropout_rng,
+        remat=remat,
     )
     if spec.is_encoder_decoder:
         start = spec.decoder_start_token_id if spec.decoder_start_token_id is not None else 0

@@ -87,7 +87,7 @@ def run_group_stage(config, stage_name: str, hp: rl.GRPOHyperParams) -> RLResult
         )
     hp = dataclasses.replace(
         hp, num_generations=sampling.n, temperature=sampling.temperature if sampling.temperature > 0 else 1.0,
-        compute_dtype=config.model.compute_dtype, attention_impl=impl,
+        compute_dtype=config.model.compute_dtype, attention_impl=impl, remat=config.model.remat,
         max_completion_length=hp.max_completion_length or sampling.max_new_tokens,
     )  # fmt: skip
     rows = config.data.batch_size * sampling.n

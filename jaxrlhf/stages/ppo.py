@@ -127,6 +127,7 @@ def run(config: PPOConfig) -> PPOResult:
         temperature=sampling.temperature if sampling.temperature > 0 else 1.0,
         compute_dtype=config.model.compute_dtype,
         attention_impl=impl,
+        remat=config.model.remat,
     )
     rows = config.data.batch_size * sampling.n
     if rows % hp.rows_divisor:

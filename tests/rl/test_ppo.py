@@ -128,11 +128,15 @@ def full_setup():
     return ppo_models, hp, policy, critic, rollout
 
 
-@pytest.mark.parametrize("loss_agg, grad_accum", [("token_mean", 1), ("seq_mean", 2)])
-def test_one_minibatch_update_equals_hand_written_reference(full_setup, loss_agg, grad_accum):
-    """1 epoch x 1 minibatch (as 1 or 2 micro-batches: accumulation is exact) == jax.grad + one optax step."""
+@pytest.mark.parametrize(
+    "loss_agg, grad_accum, remat",
+    [("token_mean", 1, "none"), ("seq_mean", 2, "none"), ("token_mean", 1, "full")],
+)
+def test_one_minibatch_update_equals_hand_written_reference(full_setup, loss_agg, grad_accum, remat):
+    """1 epoch x 1 minibatch (as 1 or 2 micro-batches: accumulation is exact; with the blocks
+    rematerialised) == jax.grad + one optax step."""
     ppo_models, hp, policy, critic, rollout = full_setup
-    hp = hp.replace(loss_agg=loss_agg, grad_accum=grad_accum)
+    hp = hp.replace(loss_agg=loss_agg, grad_accum=grad_accum, remat=remat)
     state = _init(ppo_models, hp, policy, critic, ADAMW_REF, SGD)
     want_p, want_c, want_m = _reference_update(ppo_models, hp, state, rl.PPOFrozen(), rollout, ADAMW_REF, SGD)
     update = rl.jit_ppo_update(
@@ -145,6 +149,13 @@ def test_one_minibatch_update_equals_hand_written_reference(full_setup, loss_agg
     for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "ratio", "advantage_mean"):
         np.testing.assert_allclose(m[k], want_m[k], rtol=1e-4, atol=1e-6, err_msg=k)
     assert float(m["ratio_first"]) == pytest.approx(1.0, abs=1e-5)
+    if remat != "none":  # the blocks really are rematerialised in the update
+        from tests._jaxpr import all_eqns
+
+        raw = rl.make_ppo_update(ppo_models, hp, policy_optimizer=ADAMW_REF, critic_optimizer=SGD)
+        jaxpr = jax.make_jaxpr(raw)(state, rl.PPOFrozen(), rollout, jax.random.PRNGKey(0))
+        names = {e.primitive.name for e in all_eqns(jaxpr.jaxpr)}
+        assert names & {"checkpoint", "remat", "remat2"}, sorted(names)
 
 
 def test_critic_warmup_keeps_the_policy_and_ema_follows_each_step():
