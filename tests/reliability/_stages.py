@@ -61,7 +61,7 @@ STAGES = [
     ),
     # PPO: critic from the RM, rewards by the RM through the running normaliser, adaptive KL controller,
     # an EMA of the policy (what the stage checkpoint exports)
-    ("ppo", "configs/tiny/ppo.yaml", RL + ["ppo.epochs=1", "ppo.ema_decay=0.5", "checkpoint.every=1"]),
+    ("ppo", "configs/tiny/ppo.yaml", RL + ["ppo.epochs=1", "ppo.ema_decay=0.5", "checkpoint.every=2"]),
     (
         "grpo",
         "configs/tiny/grpo.yaml",
@@ -79,7 +79,8 @@ def total_steps(sets: list[str]) -> int:
 
 
 class Uninterrupted:
-    """The uninterrupted run of each row, made on first use (its bases first) under ``root``."""
+    """The uninterrupted run of each row, made on first use (its bases first) under ``root``; under
+    pytest-xdist ``root`` is shared by the workers and each run is made once, behind a file lock."""
 
     def __init__(self, root):
         self.root = root
@@ -107,9 +108,15 @@ class Uninterrupted:
     def run_dir(self, stage: str) -> str:
         """The uninterrupted run directory of ``stage`` (run now if it was not yet)."""
         if stage not in self.dirs:
+            from filelock import FileLock
+
             out = str(self.root / stage)
-            cmd = self.command(stage, out)
-            ref = _chaos.run(cmd, out, str(self.root / f"{stage}.log"), self.cache)
-            assert ref.returncode == 0, ref.log[-4000:]
+            cmd = self.command(stage, out)  # its bases first, outside this stage's lock
+            done = self.root / f"{stage}.done"
+            with FileLock(str(self.root / f"{stage}.lock")):
+                if not done.exists():
+                    ref = _chaos.run(cmd, out, str(self.root / f"{stage}.log"), self.cache)
+                    assert ref.returncode == 0, ref.log[-4000:]
+                    done.write_text("ok")
             self.dirs[stage] = out
         return self.dirs[stage]

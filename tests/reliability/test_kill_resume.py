@@ -55,13 +55,13 @@ def kills(rng: random.Random, total_steps: int) -> list[_chaos.Kill]:
 
 
 KILLS = {  # stages whose kills differ from kills(): fewer (each costs a process start), other kinds
-    # PPO: SIGKILL mid async checkpoint write and at a random step (GRPO has the stage-save kill)
-    "ppo": lambda rng, total: kills(rng, total)[:2],
-    # GRPO is preempted (SIGTERM) at a random step instead of SIGKILLed: it must save the step it stops at
-    # (checkpoint.every=2: an odd step is saved only because of the signal) and exit 143
+    # PPO: SIGKILL at a random iteration and during the stage save (value head and EMA policy beside the
+    # params); the mid-checkpoint kill is the same Orbax machinery as SFT's / RM's / DPO's
+    "ppo": lambda rng, total: kills(rng, total)[1:],
+    # GRPO is preempted (SIGTERM) at a random iteration: it must save the iteration it stops at
+    # (checkpoint.every=2: an odd iteration is saved only because of the signal) and exit 143
     "grpo": lambda rng, total: [
-        _chaos.Kill("sigterm", at=rng.randint(1, total - 1), delay=rng.uniform(0.0, 0.3)),
-        _chaos.Kill("stage_tmp"),
+        _chaos.Kill("sigterm", at=rng.randint(1, total - 1), delay=rng.uniform(0.0, 0.3))
     ],
     # the pipeline across the SFT -> RM boundary: during SFT's stage save
     "pipeline": lambda rng, total: [_chaos.Kill("stage_tmp", sub="sft")],

@@ -97,15 +97,16 @@ def test_sigterm_outside_a_loop_raises_preempted():
 # ---------------------------------------------------------------------------------------------- 2 processes
 
 
-def _two(sets: list[str], logs: list[str], *, sigterm_when=None) -> list[int]:
-    """Run both processes of ``jaxrlhf sft`` (logs to ``logs``); ``sigterm_when()`` -> True sends SIGTERM to
-    process 1 only (once). Returns the exit statuses."""
+def _two(sets: list[str], logs: list[str], cache: str, *, sigterm_when=None) -> list[int]:
+    """Run both processes of ``jaxrlhf sft`` (logs to ``logs``; compiled programs cached in ``cache``, so
+    the rerun loads them); ``sigterm_when()`` -> True sends SIGTERM to process 1 only (once). Returns the
+    exit statuses."""
     port = _free_port()
     files = [open(p, "w") for p in logs]
-    procs = [
-        subprocess.Popen(_cmd("sft", SFT, sets), env=_env(2, rank, port), stdout=f, stderr=subprocess.STDOUT)
-        for rank, f in zip((0, 1), files, strict=True)
-    ]
+    procs = []
+    for rank, f in zip((0, 1), files, strict=True):
+        env = dict(_env(2, rank, port), JAXRLHF_COMPILATION_CACHE=cache)
+        procs.append(subprocess.Popen(_cmd("sft", SFT, sets), env=env, stdout=f, stderr=subprocess.STDOUT))
     deadline, sent = time.time() + TIMEOUT, False
     try:
         while any(p.poll() is None for p in procs):
@@ -146,7 +147,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
         return metrics.is_file() and metrics.read_text().count('"loss"') >= 2
 
     logs = [str(tmp_path / f"p{r}.log") for r in (0, 1)]
-    codes = _two(sets, logs, sigterm_when=two_steps_logged)
+    cache = str(tmp_path / "jax_cache")
+    codes = _two(sets, logs, cache, sigterm_when=two_steps_logged)
     text = [_read(p) for p in logs]
     assert codes == [143, 143], f"exit statuses {codes}\n{text[0][-3000:]}\n{text[1][-3000:]}"
     pat = re.compile(
@@ -165,7 +167,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
 
     again = [str(tmp_path / f"r{r}.log") for r in (0, 1)]
     extended = [s for s in sets if not s.startswith("optim.total_steps=")] + [f"optim.total_steps={step + 2}"]
-    codes = _two(extended, again)
+    codes = _two(extended, again, cache)
     text = [_read(p) for p in again]
     assert codes == [0, 0], f"rerun: {codes}\n{text[0][-3000:]}\n{text[1][-3000:]}"
     for t in text:  # both processes restored the preemption checkpoint
