@@ -1,6 +1,8 @@
 """What the ``jaxrlhf`` command does around a stage's ``run(config)``: a quiet console, user errors as one
-message (exit 2), interrupts as exit 130, preemption (SIGTERM) as exit 143, no half-made run directory after
-a failure, and at the end a short summary of what the stage achieved with the next command to run."""
+message (exit 2), a run that stopped itself (divergence guard, RL KL ceiling) as one message naming the last
+good checkpoint (exit 3), interrupts as exit 130, preemption (SIGTERM) as exit 143, no half-made run
+directory after a failure, and at the end a short summary of what the stage achieved with the next command
+to run."""
 
 from __future__ import annotations
 
@@ -50,6 +52,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxrlhf.data.errors import DataError
 
     return (ConfigError, DataError, FileNotFoundError)
+
+
+STOPPED = 3  # the run stopped itself: its checkpoints are kept, the message says what to change
+
+
+def _stopped_errors() -> tuple[type[BaseException], ...]:
+    from jaxrlhf.stages._rl_loop import KLCeilingError
+    from jaxrlhf.train.loop import DivergenceError
+
+    return (DivergenceError, KLCeilingError)
 
 
 def _looks_local(path: str) -> bool:
@@ -123,6 +135,11 @@ def run_stage(stage: str, run, config: Any, *, debug: bool) -> int:
             raise
         print(f"jaxrlhf {stage}: {e}", file=sys.stderr)
         return 2
+    except _stopped_errors() as e:
+        if debug:
+            raise
+        print(f"jaxrlhf {stage}: stopped: {e}", file=sys.stderr)
+        return STOPPED
     except BaseException:
         remove_half_made_run_dir(out, existed)
         raise

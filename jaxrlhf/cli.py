@@ -7,11 +7,12 @@ clear message. ``jaxrlhf <stage> --help`` lists every config key with its type, 
 
 The console is quiet by default (no libtpu / transformers / ``datasets`` progress-bar noise);
 ``--log-level debug`` brings it back and shows tracebacks. Exit status: 0 done; 2 a user error (a config,
-data, path or run-directory mismatch), reported in one message; 130 interrupted (Ctrl-C: the checkpoint is
-saved and the same command resumes); 143 preempted (SIGTERM, as Cloud TPU VMs, spot instances, Slurm and
-Kubernetes send it: the loop finishes its step and saves a checkpoint, on several processes all at the same
-step, and the same command resumes; see RELIABILITY.md). A failed run leaves no half-made run directory
-behind.
+data, path or run-directory mismatch), reported in one message; 3 the run stopped itself (the divergence
+guard or the RL KL ceiling: one message naming the last good checkpoint); 130 interrupted (Ctrl-C: the
+checkpoint is saved and the same command resumes); 143 preempted (SIGTERM, as Cloud TPU VMs, spot
+instances, Slurm and Kubernetes send it: the loop finishes its step and saves a checkpoint, on several
+processes all at the same step, and the same command resumes; see RELIABILITY.md). A failed run leaves no
+half-made run directory behind.
 
 Multi-host (Cloud TPU pods, Slurm, SkyPilot, multi-node GPU): ``--distributed`` (or
 ``JAXRLHF_DISTRIBUTED=1``, or a set ``JAX_COORDINATOR_ADDRESS``) calls ``jax.distributed.initialize`` before
@@ -67,7 +68,8 @@ INTERRUPTED = 130
 PREEMPTED = _cli_output.PREEMPTED  # 143 = 128 + SIGTERM
 USER_ERROR = 2
 EXIT_HELP = (
-    "exit status: 0 done; 2 a user error (one message); 130 interrupted (Ctrl-C); 143 preempted (SIGTERM:\n"
+    "exit status: 0 done; 2 a user error (one message); 3 the run stopped itself (divergence, KL ceiling);\n"
+    "  130 interrupted (Ctrl-C); 143 preempted (SIGTERM:\n"
     "  the step in progress finishes and a checkpoint is saved, on several processes all at the same step).\n"
     "  After 130 or 143 rerun the same command: it resumes from that checkpoint."
 )
