@@ -156,12 +156,14 @@ def candidates(logits: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.A
     """
     scaled = logits / jnp.float32(cfg.temperature)
     vocab = scaled.shape[-1]
-    if 0 < cfg.top_k < vocab:
+    top_k = 0 < cfg.top_k < vocab
+    if top_k or cfg.top_p < 1.0:
         keys = _ordered_keys(scaled)
+    if top_k:
         tau = _threshold(keys, jnp.ones_like(scaled), jnp.float32(cfg.top_k))
         scaled = jnp.where(keys >= tau[:, None], scaled, -jnp.inf)
     if cfg.top_p < 1.0:
-        keys = _ordered_keys(scaled)
+        # the top-k keys still order the survivors; cut tokens weigh 0 and lie below tau_k <= tau_p
         tau = _threshold(keys, jax.nn.softmax(scaled, axis=-1), jnp.float32(cfg.top_p))
         scaled = jnp.where(keys >= tau[:, None], scaled, -jnp.inf)
     if cfg.min_p > 0.0:
