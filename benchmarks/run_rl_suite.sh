@@ -86,7 +86,7 @@ cmd_of() {
     trl-grpo) echo "150|$BASE/trl_grpo_llama1b.py --prompts 16 --generations 4 --new 128 $TINY" ;;
     ppo-full) echo "200|benchmarks/ppo.py --mode full $TINY" ;;
     ppo-lora) echo "200|benchmarks/ppo.py --mode lora $TINY" ;;
-    ppo-8b-lora) echo "450|benchmarks/ppo.py --shape llama3-8b --mode lora --iterations 2 --no-alone $TINY" ;;
+    ppo-8b-lora) echo "${PPO8B_CAP:-450}|benchmarks/ppo.py --shape llama3-8b --mode lora --iterations 2 --no-alone $TINY" ;;
     trl-dpo) echo "120|$BASE/trl_dpo_llama1b.py --pairs 8 --prompt-len 512 --completion-len 512 $TINY" ;;
     trl-dpo-precompute)
       echo "120|$BASE/trl_dpo_llama1b.py --pairs 8 --prompt-len 512 --completion-len 512 --precompute-ref $TINY" ;;
