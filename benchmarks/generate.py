@@ -7,6 +7,8 @@ achieves: ``(weight bytes + KV-cache bytes read) / step time``, as a fraction of
   PYTHONPATH=. python3 benchmarks/generate.py                      # GPU: 1.24B bf16, batch 1 64 256
   PYTHONPATH=. python3 benchmarks/generate.py --with-hf            # also runs the transformers baseline
   PYTHONPATH=. python3 benchmarks/generate.py --tiny               # CPU smoke test
+  PYTHONPATH=. python3 benchmarks/generate.py --batch 64 --sampling greedy t1 topp0.9 topk50
+      # sampling cost: greedy, temperature 1, top-p 0.9 / top-k 50 at temperature 1 (same executable shape)
 
 The transformers baseline (static cache + torch.compile) is /work/shared/baselines/hf_llama1b.py; run it in
 the same call (``--with-hf``) since machines differ.
@@ -74,7 +76,23 @@ def copy_bandwidth(n_bytes: int, repeats: int) -> float:
     return 2 * x.size * 2 / t
 
 
-def bench_batch(spec: ModelSpec, params, batch: int, prompt: int, new: int, args, bw: float) -> dict:
+SAMPLING = {"greedy": dict(temperature=0.0), "t1": dict(temperature=1.0)}
+
+
+def sampling_kwargs(mode: str) -> dict:
+    """``greedy``, ``t1`` (temperature 1), ``toppP`` (top-p P at temperature 1), ``topkK`` (top-k K)."""
+    if mode in SAMPLING:
+        return SAMPLING[mode]
+    if mode.startswith("topp"):
+        return dict(temperature=1.0, top_p=float(mode[4:]))
+    if mode.startswith("topk"):
+        return dict(temperature=1.0, top_k=int(mode[4:]))
+    raise ValueError(f"unknown sampling mode {mode!r}: greedy, t1, topp<P>, topk<K>")
+
+
+def bench_batch(
+    spec: ModelSpec, params, batch: int, prompt: int, new: int, args, bw: float, sampling: str = "greedy"
+) -> dict:
     """Time one batch size: whole generate call, and prefill + first step, to isolate the decode step."""
     dtype = jnp.bfloat16
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
@@ -82,7 +100,7 @@ def bench_batch(spec: ModelSpec, params, batch: int, prompt: int, new: int, args
     mask = jnp.ones_like(ids)
     # every row runs the full length, like the baseline's min_new_tokens=max_new_tokens
     cfg = generation.SamplingConfig(
-        max_new_tokens=new, min_new_tokens=new, temperature=0.0, stop_token_ids=()
+        max_new_tokens=new, min_new_tokens=new, stop_token_ids=(), **sampling_kwargs(sampling)
     )
     m, rcfg, pids, pmask, rows = generation._setup(
         spec, ids, mask, cfg, None, None, dtype, dtype, args.attention, None, bool(args.fuse),
@@ -112,6 +130,7 @@ def bench_batch(spec: ModelSpec, params, batch: int, prompt: int, new: int, args
     achieved = (weight_bytes + kv_bytes) / step
     return dict(
         bench="jaxrlhf-generate",
+        sampling=sampling,
         batch=batch,
         prompt=prompt,
         new=new,
@@ -154,6 +173,7 @@ def main(argv=None) -> None:
     )
     p.add_argument("--kv-segments", type=int, default=None, help="decode phases (default: the library's)")
     p.add_argument("--with-hf", action="store_true", help="also run the transformers baseline script")
+    p.add_argument("--sampling", nargs="+", default=["greedy"], help="greedy t1 topp0.9 topk50 ...")
     p.add_argument(
         "--hf-script", default=None, help="default: shared/baselines/hf_llama1b.py here or in /work"
     )
@@ -180,7 +200,8 @@ def main(argv=None) -> None:
     spec = ModelSpec(**(TINY if args.tiny else LLAMA_1B))
     params = models.init_params(spec, jax.random.key(0), dtype=jnp.bfloat16)
     for batch in batches:
-        print(json.dumps(bench_batch(spec, params, batch, prompt, new, args, bw)), flush=True)
+        for mode in args.sampling:
+            print(json.dumps(bench_batch(spec, params, batch, prompt, new, args, bw, mode)), flush=True)
 
 
 if __name__ == "__main__":

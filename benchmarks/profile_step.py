@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python3 benchmarks/profile_step.py decode --batch 1     # GPU: 1.24B bf16, 64 decode steps
     PYTHONPATH=. python3 benchmarks/profile_step.py sft             # GPU: one full-FT step, 8 x 2048
+    PYTHONPATH=. python3 benchmarks/profile_step.py sft --stage-config benchmarks/configs/sft_llama1b.yaml
     PYTHONPATH=. python3 benchmarks/profile_step.py decode --tiny        # CPU smoke run
 
 Prints one JSON line: the wall time of the traced region, the summed kernel time on the device, the number
@@ -128,17 +129,31 @@ def profile_decode(args) -> dict:
 
 
 def profile_sft(args) -> dict:
+    if args.stage_config:  # the SFT stage's own step (benchmarks/_stage.py)
+        from benchmarks._stage import build_stage_step
+
+        step, state, batch, frozen, *_ = build_stage_step(args.stage_config, args.set)
+        holder = {"state": state}
+
+        def stage_one():
+            holder["state"], metrics = step(holder["state"], batch, frozen)
+            return metrics["loss"]
+
+        out = traced(stage_one, args.top)
+        out.update(bench="profile-sft-stage", config=args.stage_config, overrides=args.set)
+        out.update(xla_flags=os.environ.get("XLA_FLAGS", ""), card=jax.devices()[0].device_kind)
+        return out
     import benchmarks.sft as sft_bench
 
     ns = argparse.Namespace(
         tiny=args.tiny, batch=2 if args.tiny else 8, seq=32 if args.tiny else 2048, steps=1, grad_accum=1,
         lora_rank=16, remat="none", attention="fused", param_dtype="float32",
     )  # fmt: skip
-    step, state, ids = sft_bench.build("full", ns)
+    step, state, ids, frozen = sft_bench.build("full", ns)
     holder = {"state": state}
 
     def one():
-        holder["state"], metrics = step(holder["state"], ids)
+        holder["state"], metrics = step(holder["state"], ids, frozen)
         return metrics["loss"]
 
     out = traced(one, args.top)
@@ -158,6 +173,8 @@ def main() -> None:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--fuse", type=int, default=1, help="decode: fuse q/k/v and gate/up projections (1/0)")
     p.add_argument("--pad-single-row", type=int, default=1, help="decode: batch 1 as two rows on GPU (1/0)")
+    p.add_argument("--stage-config", default=None, help="sft: the SFT stage's own step (a config)")
+    p.add_argument("--set", action="append", default=[], help="sft --stage-config: override key=value")
     args = p.parse_args()
     if args.tiny:
         args.prompt, args.new = 16, 16

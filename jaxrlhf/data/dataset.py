@@ -47,12 +47,13 @@ class DataConfig:
 
     ``format``: None = detect from the columns. ``template``: chat template name / Jinja / ``.jinja`` path
     (None = the tokenizer's own). ``max_prompt_length``: prompts are cut (from the left) to this first.
-    ``packing``: pack SFT examples into rows of ``max_length``. ``bucket_lengths``: allowed padded lengths
-    of prompt batches (default: powers of two up to the prompt limit). ``eval_split`` or ``eval_fraction``
-    make ``TokenizedDataset.eval``. ``streaming``: read lazily (no cache, no eval_fraction): for corpora
-    larger than memory, e.g. shards named by a glob (``path: "refinedweb/*.parquet"``); each process reads
-    its own subset of the files (see :class:`~jaxrlhf.data.Loader`). ``text_field``: the column of the
-    ``text`` format (RefinedWeb's is ``content``).
+    ``packing``: pack SFT examples into rows of ``max_length``, at most ``max_segments_per_row`` examples per
+    row (the static bound the fused attention's packed layout is compiled for). ``bucket_lengths``: allowed
+    padded lengths of prompt batches (default: powers of two up to the prompt limit). ``eval_split`` or
+    ``eval_fraction`` make ``TokenizedDataset.eval``. ``streaming``: read lazily (no cache, no eval_fraction):
+    for corpora larger than memory, e.g. shards named by a glob (``path: "refinedweb/*.parquet"``); each
+    process reads its own subset of the files (see :class:`~jaxrlhf.data.Loader`). ``text_field``: the column
+    of the ``text`` format (RefinedWeb's is ``content``).
     """
 
     path: str
@@ -63,6 +64,7 @@ class DataConfig:
     truncation: str = "left"
     template: str | None = None
     packing: bool = False
+    max_segments_per_row: int = 32
     batch_size: int = 8
     seed: int = 0
     shuffle: bool = True
@@ -89,6 +91,8 @@ class DataConfig:
             raise ValueError("max_prompt_length must be smaller than max_length")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError("eval_fraction must be in [0, 1)")
+        if self.max_segments_per_row < 1:
+            raise ValueError(f"max_segments_per_row must be >= 1, got {self.max_segments_per_row}")
 
 
 @dataclasses.dataclass
@@ -227,14 +231,16 @@ def _report_bad_rows(name: str, marks: list[str], skip: bool, log: BadRowLog) ->
 
 def _pack(ds, max_length: int, tokenizer, config):
     def fn(batch):
-        return pack_examples(batch["input_ids"], batch["loss_mask"], max_length)
+        return pack_examples(batch["input_ids"], batch["loss_mask"], max_length, config.max_segments_per_row)
 
     # a streaming dataset may not know its columns after a map: name them (a packed batch has fewer rows)
     columns = list(ds.column_names or ("input_ids", "loss_mask"))
     kwargs: dict[str, Any] = dict(batched=True, batch_size=1000, remove_columns=columns)
     if not config.streaming:
         kwargs.update(
-            new_fingerprint=_fingerprint(tokenizer, [ds._fingerprint, "pack", max_length]),
+            new_fingerprint=_fingerprint(
+                tokenizer, [ds._fingerprint, "pack", max_length, config.max_segments_per_row]
+            ),
             num_proc=config.num_proc,
         )
     return ds.map(fn, **kwargs)

@@ -18,12 +18,19 @@ import numpy as np
 
 
 def pack_examples(
-    input_ids: Sequence[Sequence[int]], loss_mask: Sequence[Sequence[int]], max_length: int
+    input_ids: Sequence[Sequence[int]],
+    loss_mask: Sequence[Sequence[int]],
+    max_length: int,
+    max_segments: int | None = None,
 ) -> dict[str, list[list[int]]]:
     """First-fit-decreasing packing -> rows of ``input_ids``, ``loss_mask``, ``segment_ids``, ``positions``.
 
-    Every example must have ``len <= max_length``. Within a row examples keep their input order.
+    Every example must have ``len <= max_length``. Within a row examples keep their input order. A row holds
+    at most ``max_segments`` examples (None: no limit): the bound ``models.forward(max_segments=)`` is
+    given, so the fused attention can take the segments as lengths + offsets.
     """
+    if max_segments is not None and max_segments < 1:
+        raise ValueError(f"max_segments must be >= 1, got {max_segments}")
     order = sorted(range(len(input_ids)), key=lambda i: (-len(input_ids[i]), i))
     bins: list[list[int]] = []
     free: list[int] = []
@@ -32,7 +39,7 @@ def pack_examples(
         if n > max_length:
             raise ValueError(f"example of {n} tokens does not fit max_length {max_length}")
         for b, room in enumerate(free):
-            if n <= room:
+            if n <= room and (max_segments is None or len(bins[b]) < max_segments):
                 bins[b].append(i)
                 free[b] -= n
                 break

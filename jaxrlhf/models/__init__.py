@@ -181,6 +181,7 @@ def forward(
     attention_impl: str = "plain",
     remat: str = "none",
     dropout_rng: jax.Array | None = None,
+    max_segments: int | None = None,
 ) -> ForwardOutput:
     """Run the model. ``input_ids [B,T]`` int, ``attention_mask [B,T]`` (1 real, 0 pad; left or right).
 
@@ -189,6 +190,13 @@ def forward(
     ``positions`` too). ``lora`` mirrors the params paths of adapted Dense layers; ``lora_config.scale`` /
     ``.dropout`` apply (dropout only with ``dropout_rng``). ``compute_dtype`` (e.g. bf16) casts params and
     activations at use; logits are float32. Returns ``ForwardOutput(logits, hidden, cache, None)``.
+
+    ``max_segments`` (decoder-only training passes, no cache): the caller promises at most that many
+    segments per row — runs of one nonzero ``segment_ids`` value (or of ``attention_mask = 1`` without
+    segment ids) with increasing ids and positions stepping by one inside a run, as the loaders and
+    ``data.packing`` produce. The fused attention then takes lengths + offsets (cuDNN's packed layout)
+    instead of a dense ``[B, 1, T, S]`` mask; logits equal the dense path's, and a row that breaks the
+    promise gets NaN logits. None (default): the dense mask, exact for any mask. T5 ignores it.
     """
     if lora:
         from jaxrlhf.lora import check_adapters
@@ -218,7 +226,12 @@ def forward(
             f"{spec.model_type} is decoder-only: decoder_input_ids / encoder_outputs do not apply"
         )
     model = _decoder(
-        spec, compute_dtype=compute_dtype, lora_config=lora_config, impl=attention_impl, remat=remat
+        spec,
+        compute_dtype=compute_dtype,
+        lora_config=lora_config,
+        impl=attention_impl,
+        remat=remat,
+        max_segments=max_segments,
     )
     variables = {"params": params}
     if lora:

@@ -10,12 +10,21 @@ reshaped to ``[B, T, K, G, D]`` and contracted against ``[B, S, K, D]``. The fus
 ``impl="auto"`` (:func:`resolve_attention_impl`) picks the fused kernel where cuDNN serves it (GPU, bf16 /
 fp16) and the plain path elsewhere, logging the choice once; a cuDNN refusal at trace time falls back to
 XLA's fused implementation with a warning, never silently.
+
+Packed and padded rows on the fused path (:func:`segment_layout`): instead of a dense ``[B, 1, T, S]`` mask
+(which makes cuDNN read a bias and run every score block, causal or not), the kernel takes each row's
+segments as lengths + offsets (cuDNN's packed "THD" layout, causal within each segment), so it skips the
+blocks above the diagonal and between segments. A segment is a run of tokens with one nonzero segment id (or
+of ``attention_mask = 1``); a token attends to the earlier tokens of its own run. Used when the caller passes
+``max_segments`` (``models.forward``), promising rows of at most that many runs with increasing ids and
+positions that step by one inside a run (what ``data.packing`` and every loader produce); a row that breaks
+the promise gets NaN outputs (the loss and the divergence guard see it), never a silently wrong mask.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -85,6 +94,58 @@ def make_mask(
     return mask[:, None]
 
 
+class SegmentLayout(NamedTuple):
+    """Per-row segments of a ``[B, T]`` self-attention batch (see :func:`segment_layout`).
+
+    ``seqlen [B, M]`` / ``offsets [B, M + 1]``: length and first slot of each segment, -1 past the last
+    (cuDNN's packed layout); ``run [B, T]``: 1-based segment of each token, 0 = padding; ``ok [B]``: the row
+    keeps the contract (at most ``max_segments`` runs, increasing ids), else its outputs are NaN.
+    """
+
+    seqlen: jax.Array
+    offsets: jax.Array
+    run: jax.Array
+    ok: jax.Array
+
+    def dense_mask(self, window: int | None = None) -> jax.Array:
+        """The layout as a boolean ``[B, 1, T, T]`` mask: same run, causal (and ``q - k < window``)."""
+        t = self.run.shape[1]
+        idx = jnp.arange(t)
+        same = (self.run[:, :, None] == self.run[:, None, :]) & (self.run[:, :, None] > 0)
+        mask = same & (idx[None, None, :] <= idx[None, :, None])
+        if window is not None:
+            mask = mask & ((idx[:, None] - idx[None, :]) < window)[None]
+        return mask[:, None]
+
+
+def segment_layout(segments: jax.Array, max_segments: int) -> SegmentLayout:
+    """Runs of one nonzero id in ``segments [B, T]`` (0 = padding) -> :class:`SegmentLayout`.
+
+    A run starts where the id is nonzero and differs from the previous token's. The row is ``ok`` when it
+    has at most ``max_segments`` runs and each run's id exceeds every id before it (so no id has two runs,
+    which a dense same-id mask would join). ``M = max(max_segments, 2)`` columns: cuDNN treats one column as
+    an unpacked batch.
+    """
+    b, t = segments.shape
+    m = max(int(max_segments), 2)
+    seg = segments.astype(jnp.int32)
+    valid = seg != 0
+    prev = jnp.pad(seg[:, :-1], ((0, 0), (1, 0)))
+    start = valid & (seg != prev)
+    run = jnp.where(valid, jnp.cumsum(start, axis=1, dtype=jnp.int32), 0)
+    n_runs = run.max(axis=1)
+    seen = jnp.pad(jax.lax.cummax(seg, axis=1)[:, :-1], ((0, 0), (1, 0)))
+    ok = (n_runs <= max_segments) & jnp.all(~start | (seg > seen), axis=1)
+    col = jnp.arange(1, m + 1, dtype=jnp.int32)
+    hit = run[:, :, None] == col[None, None, :]  # [B, T, M]
+    length = hit.sum(axis=1, dtype=jnp.int32)
+    first = jnp.where(hit & start[:, :, None], jnp.arange(t, dtype=jnp.int32)[None, :, None], 0).sum(axis=1)
+    present = col[None, :] <= n_runs[:, None]
+    seqlen = jnp.where(present, length, -1)
+    offsets = jnp.concatenate([jnp.where(present, first, -1), jnp.full((b, 1), -1, jnp.int32)], axis=1)
+    return SegmentLayout(seqlen, offsets, run, ok)
+
+
 def attend(
     q: jax.Array,
     k: jax.Array,
@@ -95,14 +156,18 @@ def attend(
     scale: float,
     impl: str = "plain",
     is_causal: bool = False,
+    window: int | None = None,
 ) -> jax.Array:
     """Attention of ``q [B,T,H,D]`` over ``k, v [B,S,K,D]`` -> ``[B,T,H,D]``.
 
-    ``mask`` broadcasts to ``[B, 1, T, S]`` (True = visible); ``bias`` to ``[B, H, T, S]`` (added to the
-    scaled scores, float32). ``is_causal`` lets the fused path use the kernel's own causal mask when
-    ``mask`` is None. Scores and softmax are float32; the value product is in v's dtype.
+    ``mask`` broadcasts to ``[B, 1, T, S]`` (True = visible), or is a :class:`SegmentLayout` (self-attention,
+    no bias: causal within each segment); ``bias`` to ``[B, H, T, S]`` (added to the scaled scores,
+    float32). ``is_causal`` lets the fused path use the kernel's own causal mask when ``mask`` is None.
+    Scores and softmax are float32; the value product is in v's dtype.
     """
     impl = resolve_attention_impl(impl, q.dtype)
+    if isinstance(mask, SegmentLayout):
+        return _segmented(q, k, v, mask, scale=scale, impl=impl, window=window)
     if impl == "fused":
         return _fused(q, k, v, mask, bias, scale=scale, is_causal=is_causal)
     b, t, h, d = q.shape
@@ -147,6 +212,41 @@ def _fused(q, k, v, mask, bias, *, scale, is_causal):
     )
 
 
+def _segmented(q, k, v, layout: SegmentLayout, *, scale, impl, window):
+    """Attention under a :class:`SegmentLayout`: cuDNN's packed kernel on GPU (fused, bf16 / fp16), else
+    the layout's dense mask. Padding rows give 0 (inputs and outputs masked, so the kernel's unwritten
+    slots and their cotangents never reach a weight gradient); rows that broke the contract give NaN."""
+    valid = (layout.run > 0)[:, :, None, None]
+    out = None
+    if impl == "fused" and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+            zq, zk, zv = (jnp.where(valid, x, jnp.zeros((), x.dtype)) for x in (q, k, v))
+            out = cudnn.dot_product_attention(
+                zq, zk, zv,
+                q_seqlen=layout.seqlen, kv_seqlen=layout.seqlen,
+                q_offsets=layout.offsets, kv_offsets=layout.offsets,
+                scale=scale, mask_type=cudnn.MaskType.PADDING_CAUSAL,
+                sliding_window_length=window,
+            )  # fmt: skip
+        except Exception as e:  # an older JAX / cuDNN without the packed layout: the dense mask below
+            _log_once(
+                logging.WARNING,
+                ("segments-fallback", q.shape, k.shape, q.dtype.name),
+                "cuDNN packed-segment attention refused q %s k %s (%s: %s); using a dense mask",
+                q.shape, k.shape, type(e).__name__, str(e).splitlines()[0] if str(e) else "",
+            )  # fmt: skip
+    if out is None:
+        mask = layout.dense_mask(window)
+        if impl == "fused":
+            out = _fused(q, k, v, mask, None, scale=scale, is_causal=False)
+        else:
+            out = attend(q, k, v, mask, scale=scale, impl="plain")
+    out = jnp.where(valid, out, jnp.zeros((), out.dtype))
+    return jnp.where(layout.ok[:, None, None, None], out, jnp.full((), jnp.nan, out.dtype))
+
+
 class Attention(nn.Module):
     """Self-attention: projections, RoPE, optional KV-cache write, ``attend``, output projection.
 
@@ -161,6 +261,7 @@ class Attention(nn.Module):
     compute_dtype: Any = None
     lora_config: Any = None
     impl: str = "plain"
+    window: int | None = None  # sliding window, used with a SegmentLayout mask (a dense mask holds its own)
 
     @nn.compact
     def __call__(self, x, mask, bias=None, rope=None, cache=None, index=None, is_causal=False):
@@ -195,7 +296,10 @@ class Attention(nn.Module):
             names = ("batch", "cache_length", "act_kv_heads", None)
             new_cache = {"k": constrain(ck, names), "v": constrain(cv, names)}
             k, v = ck.astype(q.dtype), cv.astype(q.dtype)
-        out = attend(q, k, v, mask, bias, scale=self.head_dim**-0.5, impl=self.impl, is_causal=is_causal)
+        out = attend(
+            q, k, v, mask, bias, scale=self.head_dim**-0.5, impl=self.impl, is_causal=is_causal,
+            window=self.window,
+        )  # fmt: skip
         out = constrain(out, ("batch", "length", "act_heads", None)).reshape(b, t, hd)
         y = Dense(e, ("heads", "embed"), name="o_proj", **dense)(out)
         return y, new_cache

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxrlhf.models.attention import Attention, make_mask, resolve_attention_impl
+from jaxrlhf.models.attention import Attention, make_mask, resolve_attention_impl, segment_layout
 from jaxrlhf.models.layers import (
     Dense,
     Embed,
@@ -88,6 +88,7 @@ class Block(nn.Module):
             compute_dtype=self.compute_dtype,
             lora_config=self.lora_config,
             impl=self.impl,
+            window=s.sliding_window,
             name="attn",
         )
         mlp = MLP(s, self.compute_dtype, self.lora_config, name="mlp")
@@ -112,6 +113,7 @@ class Decoder(nn.Module):
     lora_config: Any = None
     impl: str = "plain"
     remat: str = "none"
+    max_segments: int | None = None
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None, cache=None):
@@ -149,6 +151,15 @@ class Decoder(nn.Module):
         )
         if is_causal and impl == "fused":
             attn_mask = None
+        elif (
+            impl == "fused"
+            and self.max_segments is not None
+            and cache is None
+            and s.position_type != "alibi"  # the bias path keeps its dense mask
+        ):
+            # segments as lengths + offsets for the fused kernel (no [B, 1, T, S] mask; attention.py)
+            runs = mask.astype(jnp.int32) if segment_ids is None else jnp.where(mask, segment_ids, 0)
+            attn_mask = segment_layout(runs, self.max_segments)
 
         embed = Embed(
             s.vocab_size,

@@ -233,7 +233,10 @@ def completion_logprobs(
         p, n = prompt_ids.shape[1], tokens.shape[1]
         ids = jnp.concatenate([prompt_ids.astype(jnp.int32), tokens.astype(jnp.int32)], axis=1)
         full_mask = jnp.concatenate([prompt_mask > 0, valid], axis=1).astype(jnp.int32)
-        hidden = models.forward(spec, params, ids, full_mask, **fkw).hidden[:, p - 1 : p + n - 1]
+        # one run of real tokens per row (left-padded prompt + completion up to its stop): the fused
+        # attention takes its length + offset, no [R, 1, P+N, P+N] mask
+        out = models.forward(spec, params, ids, full_mask, max_segments=1, **fkw)
+        hidden = out.hidden[:, p - 1 : p + n - 1]
     if spec.is_encoder_decoder:  # T5's head may carry LoRA and rescales: the plain head
         logits = models.lm_head(
             spec, params, hidden, lora=lora, lora_config=lora_config, compute_dtype=compute_dtype
@@ -331,7 +334,7 @@ def _score(plan: _Plan, unique, prompt_ids, prompt_mask, tokens, mask, rm_ids, r
         raw = reward_model.score(
             scorer.spec, params, scorer.head, rm_ids, rm_mask, lora=lora,
             lora_config=scorer.lora_config, compute_dtype=plan.compute_dtype,
-            attention_impl=plan.attention_impl,
+            attention_impl=plan.attention_impl, max_segments=1,
         )  # fmt: skip
         normed = (raw - rm_stats[0]) / jnp.maximum(rm_stats[1], 1e-8)
         terms = jnp.concatenate([normed[:, None], terms], axis=1)

@@ -176,6 +176,7 @@ def _forward_kwargs(cfg: DPOConfig, lora_config, adapters, rng) -> dict:
         remat=cfg.model.remat,
         attention_impl=cfg.model.attention_impl,
         dropout_rng=rng if use_dropout else None,
+        max_segments=1,  # right-padded rows: one segment each (fused attention: length, no dense mask)
     )
 
 

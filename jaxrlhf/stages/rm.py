@@ -100,6 +100,7 @@ def _forward_kwargs(spec, model_cfg: ModelConfig, lcfg, rng) -> dict:
         remat=model_cfg.remat,
         attention_impl=model_cfg.attention_impl,
         dropout_rng=rng if use_dropout else None,
+        max_segments=1,  # right-padded rows: one segment each (fused attention: length, no dense mask)
     )
 
 

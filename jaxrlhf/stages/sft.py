@@ -92,6 +92,9 @@ def make_loss_fn(spec: models.ModelSpec, cfg: SFTConfig, lora_config: lora_lib.L
             attention_impl=m.attention_impl,
             dropout_rng=rng if use_dropout else None,
         )
+        # the loader's rows hold at most this many examples (runs of one segment id): the fused attention
+        # takes their lengths + offsets instead of a dense [B, 1, T, T] mask
+        max_segments = cfg.data.max_segments_per_row if cfg.data.packing else 1
         if spec.is_encoder_decoder:
             out = models.forward(
                 spec,
@@ -111,6 +114,7 @@ def make_loss_fn(spec: models.ModelSpec, cfg: SFTConfig, lora_config: lora_lib.L
                 batch["attention_mask"],
                 positions=batch["positions"],
                 segment_ids=batch["segment_ids"],
+                max_segments=max_segments,
                 **kw,
             )
             # the head + loss in sequence chunks (no [B, T, V] f32 logits; forward's unused logits are

@@ -14,11 +14,17 @@ from jaxrlhf import data, models
 from jaxrlhf.data.packing import bucket_for, length_buckets, pack_examples
 
 
-@given(lengths=st.lists(st.integers(1, 16), min_size=1, max_size=30), max_length=st.integers(16, 40))
-def test_pack_examples_keeps_every_example_once(lengths, max_length):
+@given(
+    lengths=st.lists(st.integers(1, 16), min_size=1, max_size=30),
+    max_length=st.integers(16, 40),
+    max_segments=st.sampled_from([None, 1, 2, 3]),
+)
+def test_pack_examples_keeps_every_example_once(lengths, max_length, max_segments):
     ids = [[100 * i + t for t in range(n)] for i, n in enumerate(lengths)]
     masks = [[0] + [1] * (n - 1) for n in lengths]
-    rows = pack_examples(ids, masks, max_length)
+    rows = pack_examples(ids, masks, max_length, max_segments)
+    if max_segments is not None:  # the bound forward(max_segments=) is given
+        assert max(max(r) for r in rows["segment_ids"]) <= max_segments
     found = []
     for r_ids, r_mask, r_seg, r_pos in zip(
         *(rows[k] for k in ("input_ids", "loss_mask", "segment_ids", "positions")), strict=True
@@ -35,7 +41,7 @@ def test_pack_examples_keeps_every_example_once(lengths, max_length):
             assert [r_mask[k] for k in idx] == masks[example[0] // 100]
     assert sorted(found) == sorted(ids)
     assert len(rows["input_ids"]) >= -(-sum(lengths) // max_length)
-    assert pack_examples(ids, masks, max_length) == rows  # deterministic
+    assert pack_examples(ids, masks, max_length, max_segments) == rows  # deterministic
 
 
 def test_length_buckets():

@@ -131,3 +131,90 @@ def test_decoder_auto_and_fused_equal_plain_logits(name):
     for impl in ("auto", "fused"):
         other = models.forward(spec, params, ids, **kw, attention_impl=impl).logits
         np.testing.assert_allclose(np.asarray(other)[real], np.asarray(plain)[real], atol=1e-5)
+
+
+def _runs_reference(seg_row):
+    """(lengths, starts) of the runs of one nonzero id, in numpy."""
+    runs, starts, prev = [], [], 0
+    for j, x in enumerate(seg_row):
+        if x != 0 and x != prev:
+            runs.append(0)
+            starts.append(j)
+        if x != 0:
+            runs[-1] += 1
+        prev = x
+    return runs, starts
+
+
+@given(seed=st.integers(0, 10_000), m=st.integers(1, 5))
+def test_segment_layout_equals_numpy_runs(seed, m):
+    r = np.random.default_rng(seed)
+    b, t = 3, 12
+    seg = np.zeros((b, t), np.int32)
+    for i in range(b):  # packed rows: increasing ids, optional padding gaps, padded tail
+        cur, j = 0, 0
+        while j < t:
+            n = int(r.integers(1, 5))
+            cur += int(r.integers(1, 3))
+            seg[i, j : j + n] = 0 if r.random() < 0.2 else cur
+            j += n
+    seg[0, -3:] = 0
+    lay = attention.segment_layout(jnp.asarray(seg), m)
+    cols = max(m, 2)
+    assert lay.seqlen.shape == (b, cols) and lay.offsets.shape == (b, cols + 1)
+    for i in range(b):
+        lengths, starts = _runs_reference(seg[i])
+        ok = len(lengths) <= m
+        assert bool(lay.ok[i]) == ok
+        k = min(len(lengths), cols)
+        want_len = (lengths[:k] + [-1] * cols)[:cols] if ok else None
+        if ok:
+            np.testing.assert_array_equal(np.asarray(lay.seqlen[i]), want_len)
+            want_off = (starts + [-1] * (cols + 1))[: cols + 1]
+            np.testing.assert_array_equal(np.asarray(lay.offsets[i]), want_off)
+        # the dense view equals make_mask's for the same rows (positions restart per run)
+        if ok:
+            pos = np.zeros(t, np.int32)
+            for j in range(1, t):
+                pos[j] = pos[j - 1] + 1 if seg[i, j] != 0 and seg[i, j] == seg[i, j - 1] else 0
+            want = make_mask(jnp.arange(t), jnp.arange(t), jnp.asarray(seg[i : i + 1] != 0), None, None, None,
+                             jnp.asarray(seg[i : i + 1]), jnp.asarray(seg[i : i + 1]))  # fmt: skip
+            np.testing.assert_array_equal(np.asarray(lay.dense_mask()[i : i + 1]), np.asarray(want))
+
+
+def test_segment_layout_flags_repeated_ids_and_overflow():
+    seg = jnp.asarray([[1, 1, 2, 2, 1, 0], [1, 0, 1, 1, 2, 2], [1, 2, 3, 4, 0, 0], [0, 0, 1, 1, 1, 0]])
+    lay = attention.segment_layout(seg, 3)
+    np.testing.assert_array_equal(np.asarray(lay.ok), [False, False, False, True])  # id 1 twice x2; 4 runs
+    np.testing.assert_array_equal(np.asarray(lay.offsets[3]), [2, -1, -1, -1])  # left padding: an offset
+    np.testing.assert_array_equal(np.asarray(lay.seqlen[3]), [3, -1, -1])
+
+
+@pytest.mark.parametrize("name", ["llama3", "mistral"])
+def test_decoder_segment_layout_equals_dense_mask(name):
+    """forward(max_segments=) on the fused path == the dense-mask plain path: packed, right- and
+    left-padded rows, sliding window; a row that breaks the promise is NaN, the others unaffected."""
+    spec = ModelSpec.from_hf_config(tiny_hf_config(name).to_dict())
+    if name == "mistral":
+        spec = spec.replace(sliding_window=3)
+    params = models.init_params(spec, jax.random.key(0))
+    ids = jnp.asarray(np.random.default_rng(3).integers(3, 100, (3, 8)), jnp.int32)
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0], [1, 2, 2, 3, 3, 3, 4, 4], [1, 1, 1, 1, 1, 1, 1, 1]])
+    pos = jnp.asarray([[0, 1, 2, 0, 1, 2, 3, 0], [0, 0, 1, 0, 1, 2, 0, 1], list(range(8))])
+    plain = models.forward(spec, params, ids, positions=pos, segment_ids=seg, attention_impl="plain").logits
+    real = np.asarray(seg != 0)
+    got = models.forward(
+        spec, params, ids, positions=pos, segment_ids=seg, attention_impl="fused", max_segments=4
+    ).logits
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(plain)[real], atol=1e-5)
+    # attention_mask only (left and right padding), one segment per row
+    am = jnp.asarray([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0, 0], [1] * 8])
+    plain = models.forward(spec, params, ids, am, attention_impl="plain").logits
+    got = models.forward(spec, params, ids, am, attention_impl="fused", max_segments=1).logits
+    real = np.asarray(am != 0)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(plain)[real], atol=1e-5)
+    # row 1 has 4 segments > 3: NaN; rows 0 and 2 unchanged
+    got = models.forward(
+        spec, params, ids, positions=pos, segment_ids=seg, attention_impl="fused", max_segments=3
+    ).logits
+    assert np.isnan(np.asarray(got)[1]).all() and np.isfinite(np.asarray(got)[[0, 2]]).all()
