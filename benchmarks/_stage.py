@@ -37,7 +37,8 @@ def write_bench_data(path: str, n: int = 3000, seed: int = 0) -> str:
 
 
 def build_stage_step(config_path: str, overrides: list[str]):
-    """``(jitted step, state, device batch, frozen, host batch, config, spec)`` of the SFT stage's step."""
+    """``(jitted step, state, device batch, frozen, host batch, config, spec, max_segments)`` of the SFT
+    stage's own step."""
     work = tempfile.mkdtemp(prefix="jaxrlhf-bench-")
     raw = load_config(sft.SFTConfig, config_path, overrides)
     extra = [f"output_dir={work}/run", f"tokenizer.cache_dir={work}/tok", f"data.cache_dir={work}/data"]
@@ -55,7 +56,7 @@ def build_stage_step(config_path: str, overrides: list[str]):
     else:
         trainable, trainable_axes = r.params, axes
     r.params = None
-    loss_fn = sft.make_loss_fn(spec, cfg, lcfg)
+    loss_fn = sft.make_loss_fn(spec, cfg, lcfg, sft.segment_bound(cfg, ds))
     opt = train.make_optimizer(cfg.optim)
     state, shard = train.init_train_state(trainable, opt, r.fold(2), mesh=r.mesh, params_axes=trainable_axes)
     del trainable
@@ -69,11 +70,11 @@ def build_stage_step(config_path: str, overrides: list[str]):
     loader = data.Loader(ds, cfg.data.batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
     host = next(iter(loader))
     batch = next(runner.Batches(iter([host]), r.mesh, k))
-    return step, state, batch, frozen, host, cfg, spec
+    return step, state, batch, frozen, host, cfg, spec, sft.segment_bound(cfg, ds)
 
 
 def stage_step(config_path: str, overrides: list[str], steps: int) -> dict:
-    step, state, batch, frozen, host, cfg, spec = build_stage_step(config_path, overrides)
+    step, state, batch, frozen, host, cfg, spec, bound = build_stage_step(config_path, overrides)
     lcfg = cfg.lora
     seg = np.asarray(host["segment_ids"])
     t0 = time.perf_counter()
@@ -100,7 +101,7 @@ def stage_step(config_path: str, overrides: list[str], steps: int) -> dict:
         seq=t,
         attention=cfg.model.attention_impl,
         remat=cfg.model.remat,
-        max_segments=cfg.data.max_segments_per_row if cfg.data.packing else 1,
+        max_segments=bound,
         examples_per_row=float(np.mean([len(set(row[row > 0].tolist())) for row in seg])),
         real_token_fraction=float(np.mean(seg > 0)),
         loss_token_fraction=float(np.mean(np.asarray(host["loss_mask"]))),

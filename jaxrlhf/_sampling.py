@@ -193,17 +193,26 @@ def _threshold(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Ar
     ``S`` is non-increasing in ``t`` (weights >= 0), so the answer is fixed bit by bit from the top: with the
     bits above ``shift`` decided (``prefix``; ``S(prefix) >= target`` holds), the next ``_RADIX_BITS`` bits
     are the largest ``j`` with ``S(prefix | j << shift) >= target`` (``j = 0`` always qualifies). Each pass
-    is one fused reduction over [B, 16, V] compares; 32 / 4 = 8 passes give the exact key. Top-k:
-    weights 1, target k -> the key of the k-th largest value; top-p: weights = probabilities, target p.
+    is ONE variadic reduction over the row with 15 sums (candidates j = 1..15; S at j = 0 is never needed),
+    so a row's keys and weights are read once per pass, not once per candidate; 32 / 4 = 8 passes give the
+    exact key. Top-k: weights 1, target k -> the key of the k-th largest value; top-p: weights =
+    probabilities, target p.
     """
     rows = keys.shape[0]
     radix = 1 << _RADIX_BITS
     digits = jnp.arange(radix, dtype=jnp.uint32)
     prefix = jnp.zeros((rows,), jnp.uint32)
+    weights = weights.astype(jnp.float32)
+    zero = jnp.float32(0)
+
+    def add(a, b):
+        return tuple(x + y for x, y in zip(a, b, strict=True))
+
     for shift in range(32 - _RADIX_BITS, -1, -_RADIX_BITS):
-        cand = prefix[:, None] | (digits[None, :] << jnp.uint32(shift))  # [B, 16]
-        above = keys[:, None, :] >= cand[:, :, None]  # [B, 16, V], fused into the sum
-        mass = jnp.sum(jnp.where(above, weights[:, None, :], 0.0), axis=-1)  # [B, 16]
+        cand = prefix[:, None] | (digits[None, 1:] << jnp.uint32(shift))  # [B, 15]
+        terms = tuple(jnp.where(keys >= cand[:, j, None], weights, zero) for j in range(radix - 1))
+        sums = jax.lax.reduce(terms, (zero,) * (radix - 1), add, (1,))  # 15 x [B]
+        mass = jnp.stack([jnp.full((rows,), jnp.inf, jnp.float32), *sums], axis=1)  # [B, 16]
         ok = (mass >= target) | (digits[None, :] == 0)
         best = jnp.max(jnp.where(ok, digits[None, :], jnp.uint32(0)), axis=-1)
         prefix = prefix | (best << jnp.uint32(shift))

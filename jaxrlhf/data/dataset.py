@@ -113,6 +113,7 @@ class TokenizedDataset:
     buckets: tuple[int, ...]
     decoder_start_token_id: int | None = None
     packed: bool = False
+    max_segments: int | None = None  # packed, map-style: the most examples in one row (None: not known)
     skipped: int = 0
     raw: Any = None
     eval: TokenizedDataset | None = None
@@ -306,8 +307,11 @@ def build_dataset(config: DataConfig, tokenizer, kind: str, *, split: str | None
     data = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     raw = raws[0] if len(raws) == 1 else (None if config.streaming else datasets.concatenate_datasets(raws))
     packed = kind == "sft" and config.packing
+    max_segments = None
     if packed:
         data = _pack(data.remove_columns("index"), config.max_length, tokenizer, config)
+        if not config.streaming and len(data):
+            max_segments = int(max(data["num_segments"]))
     if kind == "prompt":
         limit = config.max_prompt_length or config.max_length
         buckets = tuple(config.bucket_lengths or length_buckets(limit))
@@ -327,6 +331,7 @@ def build_dataset(config: DataConfig, tokenizer, kind: str, *, split: str | None
         buckets=buckets,
         decoder_start_token_id=start,
         packed=packed,
+        max_segments=max_segments,
         skipped=log.count,
         raw=raw,
     )

@@ -23,7 +23,8 @@ def pack_examples(
     max_length: int,
     max_segments: int | None = None,
 ) -> dict[str, list[list[int]]]:
-    """First-fit-decreasing packing -> rows of ``input_ids``, ``loss_mask``, ``segment_ids``, ``positions``.
+    """First-fit-decreasing packing -> rows of ``input_ids``, ``loss_mask``, ``segment_ids``, ``positions``
+    (and ``num_segments``, the examples in each row: the dataset's bound for the fused attention).
 
     Every example must have ``len <= max_length``. Within a row examples keep their input order. A row holds
     at most ``max_segments`` examples (None: no limit): the bound ``models.forward(max_segments=)`` is
@@ -46,7 +47,7 @@ def pack_examples(
         else:
             bins.append([i])
             free.append(max_length - n)
-    out: dict[str, list[list[int]]] = {"input_ids": [], "loss_mask": [], "segment_ids": [], "positions": []}
+    out: dict[str, list] = {"input_ids": [], "loss_mask": [], "segment_ids": [], "positions": []}
     for members in sorted(bins, key=min):
         row: dict[str, list[int]] = {k: [] for k in out}
         for seg, i in enumerate(sorted(members), start=1):
@@ -57,6 +58,7 @@ def pack_examples(
             row["positions"] += list(range(n))
         for k in out:
             out[k].append(row[k])
+    out["num_segments"] = [len(members) for members in sorted(bins, key=min)]
     return out
 
 

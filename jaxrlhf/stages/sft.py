@@ -35,7 +35,7 @@ from jaxrlhf.stages.samples import SampleConfig, write_samples
 
 logger = logging.getLogger("jaxrlhf.sft")
 
-__all__ = ["SFTConfig", "SFTResult", "SFTTrainConfig", "SampleConfig", "make_loss_fn", "run"]
+__all__ = ["SFTConfig", "SFTResult", "SFTTrainConfig", "SampleConfig", "make_loss_fn", "run", "segment_bound"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +71,25 @@ class SFTResult(NamedTuple):
     samples: dict  # summary of the sample generations (e.g. rule_score)
 
 
-def make_loss_fn(spec: models.ModelSpec, cfg: SFTConfig, lora_config: lora_lib.LoraConfig | None):
+def segment_bound(cfg: SFTConfig, ds: Any = None) -> int:
+    """The static ``max_segments`` of the SFT forward: 1 unpacked (one run of real tokens per row); packed,
+    the most examples in a row of the dataset and its eval split when known (fewer empty segments for the
+    fused kernel to skip), else the packer's cap ``data.max_segments_per_row``."""
+    if not cfg.data.packing:
+        return 1
+    parts = [d for d in (ds, getattr(ds, "eval", None)) if d is not None]
+    known = [d.max_segments for d in parts]
+    if parts and all(k is not None for k in known):
+        return max(known)
+    return cfg.data.max_segments_per_row
+
+
+def make_loss_fn(
+    spec: models.ModelSpec,
+    cfg: SFTConfig,
+    lora_config: lora_lib.LoraConfig | None,
+    max_segments: int | None = None,
+):
     """``loss_fn(trainable, frozen, batch, rng) -> (loss, metrics)`` for the train step.
 
     Full fine-tuning: ``trainable`` = params, ``frozen`` = None; LoRA: ``trainable`` = adapters,
@@ -94,7 +112,7 @@ def make_loss_fn(spec: models.ModelSpec, cfg: SFTConfig, lora_config: lora_lib.L
         )
         # the loader's rows hold at most this many examples (runs of one segment id): the fused attention
         # takes their lengths + offsets instead of a dense [B, 1, T, T] mask
-        max_segments = cfg.data.max_segments_per_row if cfg.data.packing else 1
+        bound = segment_bound(cfg) if max_segments is None else max_segments
         if spec.is_encoder_decoder:
             out = models.forward(
                 spec,
@@ -114,7 +132,7 @@ def make_loss_fn(spec: models.ModelSpec, cfg: SFTConfig, lora_config: lora_lib.L
                 batch["attention_mask"],
                 positions=batch["positions"],
                 segment_ids=batch["segment_ids"],
-                max_segments=max_segments,
+                max_segments=bound,
                 **kw,
             )
             # the head + loss in sequence chunks (no [B, T, V] f32 logits; forward's unused logits are
@@ -145,11 +163,10 @@ def run(config: SFTConfig) -> SFTResult:
     if lcfg is not None:
         dtype = common.dtype_of(config.model.dtype)
         adapters = lora_lib.init(spec, r.params, lcfg, r.fold(1), dtype=dtype)
-        job = runner.Training(
-            make_loss_fn(spec, config, lcfg), adapters, lora_lib.param_axes(axes, adapters), frozen=r.params
-        )
+        loss_fn = make_loss_fn(spec, config, lcfg, segment_bound(config, ds))
+        job = runner.Training(loss_fn, adapters, lora_lib.param_axes(axes, adapters), frozen=r.params)
     else:
-        job = runner.Training(make_loss_fn(spec, config, None), r.params, axes)
+        job = runner.Training(make_loss_fn(spec, config, None, segment_bound(config, ds)), r.params, axes)
     r.params = None  # full fine-tuning: the train state owns (and donates) the weights now
     out = runner.train(r, job, ds)
     step = int(jax.device_get(out.state.step))

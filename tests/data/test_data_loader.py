@@ -130,6 +130,12 @@ def test_sft_batch_layout_and_packing(files, bpe):
     starts = (pos == 0) & (seg > 0)
     assert (lm[starts] == 0).all()  # no loss on a segment's first token (nothing predicts it)
     assert seg.max() > 1
+    # the dataset knows its most examples per row: the static bound of the fused attention's layout
+    assert plain.max_segments is None
+    assert packed.max_segments == max(max(r) for r in packed.data["segment_ids"]) > 1
+    assert set(batch) == {"input_ids", "attention_mask", "loss_mask", "positions", "segment_ids"}
+    capped = build(files, bpe, "sft", packing=True, max_segments_per_row=2)
+    assert capped.max_segments == 2 and len(capped) >= len(packed)
 
 
 def test_eval_fraction_and_split(files, bpe, tmp_path):

@@ -23,8 +23,9 @@ def test_pack_examples_keeps_every_example_once(lengths, max_length, max_segment
     ids = [[100 * i + t for t in range(n)] for i, n in enumerate(lengths)]
     masks = [[0] + [1] * (n - 1) for n in lengths]
     rows = pack_examples(ids, masks, max_length, max_segments)
+    assert rows["num_segments"] == [max(r) for r in rows["segment_ids"]]
     if max_segments is not None:  # the bound forward(max_segments=) is given
-        assert max(max(r) for r in rows["segment_ids"]) <= max_segments
+        assert max(rows["num_segments"]) <= max_segments
     found = []
     for r_ids, r_mask, r_seg, r_pos in zip(
         *(rows[k] for k in ("input_ids", "loss_mask", "segment_ids", "positions")), strict=True
