@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 
@@ -74,7 +75,10 @@ def build_stage_step(config_path: str, overrides: list[str]):
 
 
 def stage_step(config_path: str, overrides: list[str], steps: int) -> dict:
+    t_build = time.perf_counter()
     step, state, batch, frozen, host, cfg, spec, bound = build_stage_step(config_path, overrides)
+    t_build = time.perf_counter() - t_build
+    print(f"[stage-step] built in {t_build:.1f} s (max_segments {bound})", file=sys.stderr, flush=True)
     lcfg = cfg.lora
     seg = np.asarray(host["segment_ids"])
     t0 = time.perf_counter()
@@ -82,6 +86,7 @@ def stage_step(config_path: str, overrides: list[str], steps: int) -> dict:
         state, metrics = step(state, batch, frozen)
     float(metrics["loss"])
     t_compile = time.perf_counter() - t0
+    print(f"[stage-step] compile + 2 steps {t_compile:.1f} s", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     for _ in range(steps):
         state, metrics = step(state, batch, frozen)
@@ -111,5 +116,6 @@ def stage_step(config_path: str, overrides: list[str], steps: int) -> dict:
         peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
         loss=loss,
         compile_s=t_compile,
+        build_s=t_build,
         card=jax.devices()[0].device_kind,
     )
