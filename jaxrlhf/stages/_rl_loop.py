@@ -66,8 +66,9 @@ class RolloutConfig:
 
 KL_ACTIONS = ("stop", "lower_lr")
 # config keys an RL run may change on resume (beside the runner's SAFE_TO_CHANGE): more iterations, and the
-# KL ceiling's value and factor (not kl_action: lower_lr adds a factor to the optimizer state)
-SAFE_KEYS = ("train.iterations", "train.max_kl", "train.kl_lr_factor")
+# KL ceiling's value, action and factor (the stages' optimizers always carry the learning-rate factor, 1 until
+# lower_lr changes it, so a checkpoint fits either action; a factor already lowered stays under stop)
+SAFE_KEYS = ("train.iterations", "train.max_kl", "train.kl_action", "train.kl_lr_factor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +81,8 @@ class RLTrainConfig(LoopConfig):
     before that update with a message; the checkpoint of the policy over the ceiling is set aside in
     ``checkpoints-over-max-kl/``, so the newest checkpoint is the last one within it) or ``lower_lr`` (the
     policy's learning rate is multiplied by ``kl_lr_factor`` before that update and stays lowered; the
-    factor is part of the checkpointed optimizer state). ``max_kl`` and ``kl_lr_factor`` may change when a
-    run resumes, ``kl_action`` not."""
+    factor is part of the checkpointed optimizer state). ``max_kl``, ``kl_action`` and ``kl_lr_factor`` may
+    change when a run resumes (after a stop, resume with ``kl_action=lower_lr``)."""
 
     iterations: int = 100
     eval_every: int = 10

@@ -109,8 +109,9 @@ def run_group_stage(config, stage_name: str, hp: rl.GRPOHyperParams) -> RLResult
     held = rollout_lib.parameter_bytes((frozen, ref, policy if lcfg is None else None, rewards.scorer))
     logger.info("parameters held: %.1f MB (policy, reference and reward share what they can)", held / 1e6)
     opt = train_lib.make_optimizer(config.optim)
-    if config.train.kl_action == "lower_lr":  # the KL ceiling may lower the learning rate
-        opt = train_lib.with_lr_scale(opt)
+    # the learning-rate factor (1 until the KL ceiling lowers it, train.kl_action=lower_lr) is in the
+    # optimizer state whatever kl_action is, so kl_action may change on resume
+    opt = train_lib.with_lr_scale(opt)
     inner, inner_shard = rl.init_grpo_state(spec, policy, optimizer=opt, rng=r.fold(2), lora_config=lcfg,
                                             mesh=mesh)  # fmt: skip
     del policy

@@ -159,8 +159,9 @@ def run(config: PPOConfig) -> PPOResult:
         held / 1e6, rollout_lib.parameter_bytes(base) / 1e6,
     )  # fmt: skip
     opt_p, opt_c = train_lib.make_optimizer(config.optim), train_lib.make_optimizer(config.critic_optim)
-    if config.train.kl_action == "lower_lr":  # the KL ceiling may lower the policy's learning rate
-        opt_p = train_lib.with_lr_scale(opt_p)
+    # the policy's learning-rate factor (1 until the KL ceiling lowers it, train.kl_action=lower_lr) is in
+    # the optimizer state whatever kl_action is, so kl_action may change on resume
+    opt_p = train_lib.with_lr_scale(opt_p)
     stats = dict(zip(("mean", "std"), rewards.stats, strict=True)) if rewards.scorer is not None else None
     ppo_state, ppo_shard = rl.init_ppo_state(
         pm, hp, policy, critic, policy_optimizer=opt_p, critic_optimizer=opt_c, rng=r.fold(2),

@@ -1,6 +1,7 @@
 """The RL KL ceiling (``train.max_kl``): a rollout whose KL to the reference is above it either stops the run
 before that update, keeping the checkpoints from before the policy crossed it (``kl_action=stop``), or
-lowers the policy's learning rate by ``kl_lr_factor`` and goes on (``kl_action=lower_lr``).
+lowers the policy's learning rate by ``kl_lr_factor`` and goes on (``kl_action=lower_lr``); a stopped run
+resumes with ``kl_action=lower_lr`` (a key that may change on resume) and finishes.
 
 A tiny PPO (a 1-layer policy from scratch, the tiny task's rule as the reward, 8 prompts x 8 tokens): the
 first rollout's KL is exactly 0 (policy = reference), every later one is above a ceiling of 1e-9 nats.
@@ -61,7 +62,7 @@ def test_lower_lr_halves_the_learning_rate_at_each_rollout_above_the_ceiling(tmp
     mgr.close()
 
 
-def test_stop_keeps_the_checkpoints_from_before_the_ceiling(tmp_path):
+def test_stop_keeps_the_checkpoints_from_before_the_ceiling(tmp_path, caplog):
     out = tmp_path / "run"
     ppo.run(_cfg(out, tmp_path, "train.iterations=2"))  # no ceiling yet: checkpoints 1 and 2
     with pytest.raises(_rl_loop.KLCeilingError) as e:  # resumed with one (a key that may change)
@@ -80,6 +81,22 @@ def test_stop_keeps_the_checkpoints_from_before_the_ceiling(tmp_path):
     mgr = train.CheckpointManager(out / "checkpoints")
     assert mgr.all_steps() == [1] and mgr.latest_step() == 1
     mgr.close()
+    # the way out the message names: the same command with train.kl_action=lower_lr (a key that may change
+    # on resume) resumes from step 1 and finishes, lowering the learning rate instead of stopping
+    with caplog.at_level("INFO", logger="jaxrlhf.runner"):
+        result = ppo.run(
+            _cfg(out, tmp_path, "train.iterations=4", f"train.max_kl={CEILING}", "train.kl_action=lower_lr")
+        )
+    assert result.stage_dir and f"resumed from {out / 'checkpoints'} at step 1" in caplog.text
+    recs = _records(out)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    scale = 1.0  # halved before each update whose rollout is above the ceiling (k1 may dip below it)
+    for r in recs[1:]:
+        scale *= 0.5 if r["kl_ref"] > CEILING else 1.0
+        assert r["lr_scale"] == scale, (r["step"], r["kl_ref"], r["lr_scale"], scale)
+    assert recs[1]["lr_scale"] == 0.5  # the first resumed rollout is above it: the factor really moved
+    with open(out / "stage" / "stage.json") as f:
+        assert json.load(f)["step"] == 4
 
 
 def test_bad_ceiling_settings_are_refused(tmp_path):
