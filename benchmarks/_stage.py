@@ -52,7 +52,7 @@ def build_stage_step(config_path: str, overrides: list[str]):
     axes = models.param_axes(spec)
     frozen = None
     if lcfg is not None:
-        trainable = lora_lib.init(spec, r.params, lcfg, r.fold(1), dtype=common.dtype_of(cfg.model.dtype))
+        trainable = lora_lib.init(spec, r.params, lcfg, r.fold(1), dtype=common.ADAPTER_DTYPE)
         trainable_axes, frozen = lora_lib.param_axes(axes, trainable), r.params
     else:
         trainable, trainable_axes = r.params, axes

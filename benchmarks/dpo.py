@@ -81,10 +81,8 @@ def run(args) -> dict:
         ds = dpo.precompute_reference(spec, params, ds, args.pairs, mesh, compute_dtype=compute_dtype)
         t_ref = time.perf_counter() - t0
     axes = models.param_axes(spec)
-    if lcfg is not None:  # as dpo.run: adapters in the model dtype, the base frozen (and the reference)
-        trainable = lora_lib.init(
-            spec, params, lcfg, jax.random.PRNGKey(1), dtype=common.dtype_of(cfg.model.dtype)
-        )
+    if lcfg is not None:  # as dpo.run: f32 adapters, the base frozen (and the reference)
+        trainable = lora_lib.init(spec, params, lcfg, jax.random.PRNGKey(1), dtype=common.ADAPTER_DTYPE)
         t_axes, frozen = lora_lib.param_axes(axes, trainable), params
     else:
         frozen = jax.tree.map(lambda x: x.copy(), params) if not precompute else None

@@ -212,6 +212,13 @@ def dtype_of(name: str | None) -> Any:
     return None if name is None else jnp.dtype(name)
 
 
+# LoRA adapters (and a LoRA reward model's head) are trained in float32 whatever the base's dtype, as peft's
+# autocast_adapter_dtype keeps them: in bf16 an Adam update lr * m / sqrt(v) below 2^-8 of the weight rounds
+# away, and the adapters' moments lose the same bits. They are cast to the compute dtype at use (and once
+# per rollout for decoding); the frozen base keeps model.dtype. Costs 2 bytes per adapter weight.
+ADAPTER_DTYPE = jnp.float32
+
+
 def is_primary() -> bool:
     """Process 0: the one that writes logs, config copies and exports."""
     return jax.process_index() == 0

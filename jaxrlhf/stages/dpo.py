@@ -337,7 +337,7 @@ def run(config: DPOConfig) -> DPOResult:
         )  # fmt: skip
     axes = models.param_axes(spec)
     if lcfg is not None:
-        adapters = lora_lib.init(spec, r.params, lcfg, r.fold(1), dtype=common.dtype_of(config.model.dtype))
+        adapters = lora_lib.init(spec, r.params, lcfg, r.fold(1), dtype=common.ADAPTER_DTYPE)
         trainable, t_axes, frozen = adapters, lora_lib.param_axes(axes, adapters), r.params
     else:
         frozen = jax.tree.map(lambda x: x.copy(), r.params) if needs_ref and not precompute else None

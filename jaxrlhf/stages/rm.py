@@ -196,9 +196,9 @@ def run(config: RMConfig) -> RMResult:
     if ds.eval is None:
         logger.warning("no eval split (set data.eval_fraction or data.eval_split): stats from train pairs")
     stats_ds = ds.eval if ds.eval is not None else ds
-    head = heads.init_head(spec, r.fold(4), dtype=dtype)
+    head = heads.init_head(spec, r.fold(4), dtype=common.ADAPTER_DTYPE if lcfg is not None else dtype)
     if lcfg is not None:
-        adapters = lora_lib.init(spec, r.params, lcfg, r.fold(1), dtype=dtype)
+        adapters = lora_lib.init(spec, r.params, lcfg, r.fold(1), dtype=common.ADAPTER_DTYPE)
         trainable, frozen = {"lora": adapters, "head": head}, r.params
     else:
         adapters, trainable, frozen = None, {"params": r.params, "head": head}, None

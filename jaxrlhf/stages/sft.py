@@ -161,8 +161,7 @@ def run(config: SFTConfig) -> SFTResult:
         logger.warning("no eval split (set data.eval_fraction or data.eval_split): no eval metrics")
     axes = models.param_axes(spec)
     if lcfg is not None:
-        dtype = common.dtype_of(config.model.dtype)
-        adapters = lora_lib.init(spec, r.params, lcfg, r.fold(1), dtype=dtype)
+        adapters = lora_lib.init(spec, r.params, lcfg, r.fold(1), dtype=common.ADAPTER_DTYPE)
         loss_fn = make_loss_fn(spec, config, lcfg, segment_bound(config, ds))
         job = runner.Training(loss_fn, adapters, lora_lib.param_axes(axes, adapters), frozen=r.params)
     else:
