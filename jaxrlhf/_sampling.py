@@ -160,7 +160,7 @@ def candidates(logits: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.A
     if top_k or cfg.top_p < 1.0:
         keys = _ordered_keys(scaled)
     if top_k:
-        tau = _threshold(keys, jnp.ones_like(scaled), jnp.float32(cfg.top_k))
+        tau = kth_largest_key(keys, cfg.top_k)
         scaled = jnp.where(keys >= tau[:, None], scaled, -jnp.inf)
     if cfg.top_p < 1.0:
         # the top-k keys still order the survivors; cut tokens weigh 0 and lie below tau_k <= tau_p
@@ -185,6 +185,40 @@ def _ordered_keys(x: jax.Array) -> jax.Array:
 
 
 _RADIX_BITS = 4  # 16 candidate thresholds per pass: 8 passes over the row for a 32-bit key
+_CHUNK = 128  # top-k: the row in chunks of this many keys (kth_largest_key)
+
+
+def kth_largest_key(keys: jax.Array, k: int, chunk: int = _CHUNK) -> jax.Array:
+    """The k-th largest key per row of ``keys [B, V]`` (uint32, ``_ordered_keys``), exact, without a sort.
+
+    Two levels, so the radix search reads ``k * chunk`` keys instead of the whole row 8 times: the row is cut
+    in chunks of ``chunk`` (the tail padded with key 0, below every float's key); ``L`` = the k-th largest
+    chunk maximum (:func:`_threshold` over the ``V / chunk`` maxima). ``k`` chunks are kept: every chunk whose
+    maximum exceeds ``L`` (at most k - 1 of them) and the first of those whose maximum equals ``L``; the
+    search runs over their keys. Exact: every key above ``L`` lies in a kept chunk, so counts of keys >= t
+    agree with the whole row's for every t > L; the k kept chunks each hold a key >= L, so the count at
+    ``L`` is >= k; and the true k-th largest is >= L (the k largest maxima are k keys >= L). Falls back to
+    the one-level search when the row has fewer than ``2 k`` chunks.
+    """
+    rows, vocab = keys.shape
+    n = -(-vocab // chunk)
+    if n < 2 * k:
+        return _threshold(keys, jnp.ones(keys.shape, jnp.float32), jnp.float32(k))
+    padded = jnp.pad(keys, ((0, 0), (0, n * chunk - vocab))).reshape(rows, n, chunk)
+    cmax = padded.max(axis=-1)  # [B, n]
+    low = _threshold(cmax, jnp.ones(cmax.shape, jnp.float32), jnp.float32(k))  # L per row
+    above = cmax > low[:, None]
+    tied = cmax == low[:, None]
+    room = k - above.sum(axis=1, keepdims=True)  # >= 1 tied chunks to take
+    keep = above | (tied & (jnp.cumsum(tied, axis=1) <= room))  # exactly k per row
+    slot = jnp.where(keep, jnp.cumsum(keep, axis=1) - 1, k)  # position among the kept; k = dropped
+    ids = (
+        jnp.zeros((rows, k), jnp.int32)
+        .at[jnp.arange(rows)[:, None], slot]
+        .set(jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (rows, n)), mode="drop")
+    )
+    picked = jnp.take_along_axis(padded, ids[:, :, None], axis=1).reshape(rows, k * chunk)
+    return _threshold(picked, jnp.ones(picked.shape, jnp.float32), jnp.float32(k))
 
 
 def _threshold(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:

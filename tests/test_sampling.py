@@ -226,10 +226,36 @@ def test_threshold_is_the_exact_kth_largest(values, data):
     assert tau == int(np.sort(keys)[::-1][k - 1])
 
 
-@pytest.mark.parametrize("kw", [dict(top_k=50), dict(top_p=0.9), dict(top_k=50, top_p=0.9)])
+@pytest.mark.parametrize("kw", [dict(top_k=50), dict(top_k=3), dict(top_p=0.9), dict(top_k=50, top_p=0.9)])
 def test_truncation_sorts_nothing(kw):
     """No sort / top_k primitive over the vocabulary in the sampler (it ran a full sort per decode step)."""
     cfg = SamplingConfig(max_new_tokens=1, temperature=1.0, **kw)
     jaxpr = jax.make_jaxpr(lambda z, r: sample(z, r, cfg))(jnp.zeros((4, 1000)), jax.random.key(0))
     names = {e.primitive.name for e in all_eqns(jaxpr.jaxpr)}
     assert not names & {"sort", "top_k", "approx_top_k"}, names
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(
+    seed=st.integers(0, 2**31 - 1),
+    vocab=st.integers(20, 130),
+    k=st.integers(1, 6),
+    chunk=st.sampled_from([2, 3, 4, 8]),
+    levels=st.sampled_from([0, 3, 1000]),  # 0: continuous values; else that many distinct values (ties)
+    masked=st.booleans(),
+)
+def test_two_level_kth_largest_is_exact(seed, vocab, k, chunk, levels, masked):
+    """kth_largest_key (chunk maxima, then a search over k chunks) == the k-th largest key of the row, with
+    ties across chunks (the tied-maximum chunks not kept), -inf runs and a padded last chunk."""
+    from jaxrlhf._sampling import kth_largest_key
+
+    rs = np.random.RandomState(seed)
+    z = rs.randn(5, vocab).astype(np.float32)
+    if levels:
+        z = np.floor(z * levels / 3).astype(np.float32)
+    if masked:
+        z[:, rs.rand(vocab) < 0.5] = -np.inf
+    keys = _ordered_keys(jnp.asarray(z))
+    got = np.asarray(jax.jit(lambda x: kth_largest_key(x, k, chunk))(keys))
+    want = np.sort(np.asarray(keys), axis=1)[:, ::-1][:, k - 1]
+    np.testing.assert_array_equal(got, want)
