@@ -58,6 +58,7 @@ if ! $PY -c "import trl, datasets" 2>/dev/null; then
 fi
 export PYTHONPATH="$ROOT${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"
 
+CFG=benchmarks/configs
 BASE=""
 for d in .carry/baselines ../shared/baselines /work/shared/baselines; do
   [ -f "$d/trl_grpo_llama1b.py" ] && { BASE=$d; break; }
@@ -94,6 +95,17 @@ cmd_of() {
     dpo-onthefly) echo "150|benchmarks/dpo.py --reference on_the_fly $TINY" ;;
     grpo) echo "180|benchmarks/grpo.py $TINY" ;;
     grpo-lora) echo "180|benchmarks/grpo.py --mode lora $TINY" ;;
+    # issue 16 (the training step and the sampler; GPU only, not in the default list):
+    #   bash benchmarks/run_rl_suite.sh liger-full sft-full liger-lora sft-lora gen-sampling
+    #   bash benchmarks/run_rl_suite.sh sft-8k-lora sft-8k-full-remat trl-dpo dpo-onthefly
+    # the stage-step parts build bench data + 1.24B weights first (~80 s on the H200 of 2026-12-02)
+    liger-full) echo "120|$BASE/hf_llama1b.py train --batch 8 --seq 2048 --liger" ;;
+    liger-lora) echo "120|$BASE/hf_llama1b.py train --batch 8 --seq 2048 --liger --lora 16" ;;
+    sft-full) echo "200|benchmarks/sft.py --stage-config $CFG/sft_llama1b.yaml --set model.attention_impl=auto" ;;
+    sft-lora) echo "200|benchmarks/sft.py --stage-config $CFG/sft_llama1b_lora.yaml --set model.attention_impl=auto" ;;
+    sft-8k-lora) echo "240|benchmarks/sft.py --stage-config $CFG/sft_llama1b_lora.yaml --set model.attention_impl=auto --set data.max_length=8192 --steps 3" ;;
+    sft-8k-full-remat) echo "240|benchmarks/sft.py --stage-config $CFG/sft_llama1b.yaml --set model.attention_impl=auto --set data.max_length=8192 --set model.remat=full --steps 3" ;;
+    gen-sampling) echo "200|benchmarks/generate.py --batch 64 --sampling greedy topp0.9 topk50 --repeats 2" ;;
     *) return 1 ;;
   esac
 }
@@ -191,6 +203,13 @@ for part in ("grpo", "grpo-lora"):
                      f"update {get(part, 'update_s'):.3g}), peak {get(part, 'peak_gib'):.1f} GiB")
     check(f"{part} samples/s vs TRL GRPO", None if g is None or trl_grpo is None else g / trl_grpo, ">= 5x",
           lambda v: v >= 5.0)
+for ours, theirs, target in (("sft-full", "liger-full", 1.4), ("sft-lora", "liger-lora", 1.4)):
+    a, b = get(ours, "tokens_per_s"), get(theirs, "tokens_per_s")
+    if a is not None:
+        lines.append(f"{ours}: {a:.4g} tokens/s, MFU {get(ours, 'mfu_vs_989'):.3f}, peak "
+                     f"{get(ours, 'peak_gib'):.1f} GiB; {theirs}: {b} tokens/s, peak {get(theirs, 'peak_gib')}")
+    check(f"{ours} tokens/s vs {theirs}", None if a is None or b is None else a / b, f">= {target}x",
+          lambda v, t=target: v >= t)
 failed = [p for p, r in recs.items() if r.get("failed")]
 if failed:
     lines.append(f"failed (no JSON result; see suite.log): {' '.join(failed)}")
