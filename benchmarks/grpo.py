@@ -45,6 +45,7 @@ from jaxrlhf.generation import SamplingConfig
 from jaxrlhf.models.attention import resolve_attention_impl
 from jaxrlhf.rl import prompts as prompts_lib
 from jaxrlhf.rl import rollout as rollout_lib
+from jaxrlhf.stages import common
 from jaxrlhf.stages import grpo as grpo_stage
 
 SPECIAL = dict(bos_token_id=0, eos_token_ids=(1,), pad_token_id=2)  # as the TRL baseline's model
@@ -95,7 +96,7 @@ def build(args) -> dict:
     lcfg = None
     if args.mode == "lora":
         lcfg = lora_lib.LoraConfig(rank=16, alpha=16, targets=ALL_LINEAR)
-        policy = lora_lib.init(spec, base, lcfg, keys[1], dtype=dtype)
+        policy = lora_lib.init(spec, base, lcfg, keys[1], dtype=common.ADAPTER_DTYPE)  # as the stage
         frozen = base
     else:
         policy, frozen = base, None  # beta = 0: no reference kept, the state owns the weights

@@ -49,6 +49,7 @@ from jaxrlhf.models import heads
 from jaxrlhf.models.attention import resolve_attention_impl
 from jaxrlhf.rl import prompts as prompts_lib
 from jaxrlhf.rl import rollout as rollout_lib
+from jaxrlhf.stages import common
 from jaxrlhf.stages import ppo as ppo_stage
 
 SPECIAL = dict(bos_token_id=0, eos_token_ids=(1,), pad_token_id=2)  # as the TRL baseline's model
@@ -99,14 +100,15 @@ def build(args) -> dict:
     else:
         lcfg = lora_lib.LoraConfig(rank=16, alpha=16, targets=ALL_LINEAR)
         c_lcfg = lcfg
-        rm_ad = lora_lib.init(spec, base, lcfg, keys[1], dtype=dtype)
-        rm_head = jax.device_put(heads.init_head(spec, keys[2], dtype=dtype), rep)
+        ad = common.ADAPTER_DTYPE  # f32 adapters and heads on the bf16 base, as the RM / PPO stages have
+        rm_ad = lora_lib.init(spec, base, lcfg, keys[1], dtype=ad)
+        rm_head = jax.device_put(heads.init_head(spec, keys[2], dtype=ad), rep)
         scorer = rl.Scorer(spec, base, rm_head, rm_ad, lcfg)  # a LoRA RM on the policy's base shares it
-        policy, ref = lora_lib.init(spec, base, lcfg, keys[3], dtype=dtype), None
+        policy, ref = lora_lib.init(spec, base, lcfg, keys[3], dtype=ad), None
         c_backbone = base  # critic.init=policy + critic.lora: an adapter set on the same base
         critic = {
-            "backbone": lora_lib.init(spec, base, c_lcfg, keys[4], dtype=dtype),
-            "head": jax.device_put(heads.init_head(spec, keys[5], dtype=dtype), rep),
+            "backbone": lora_lib.init(spec, base, c_lcfg, keys[4], dtype=ad),
+            "head": jax.device_put(heads.init_head(spec, keys[5], dtype=ad), rep),
         }
     rewards = rl.build_rewards(rl.RewardConfig(), None, mesh=mesh, scorer=scorer, stats=(0.0, 1.0))
     frozen = rl.PPOFrozen(base if lcfg is not None else None, c_backbone if c_lcfg is not None else None)

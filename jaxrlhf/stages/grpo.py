@@ -101,7 +101,7 @@ def run_group_stage(config, stage_name: str, hp: rl.GRPOHyperParams) -> RLResult
     lcfg, base = config.lora, r.params
     needs_ref = hp.beta > 0 or config.train.max_kl is not None  # the KL ceiling measures KL to it
     if lcfg is not None:
-        policy, ref = lora_lib.init(spec, base, lcfg, r.fold(1), dtype=dtype), None
+        policy, ref = lora_lib.init(spec, base, lcfg, r.fold(1), dtype=common.ADAPTER_DTYPE), None
     else:  # the state donates its copy; the reference (when used) keeps the loaded weights
         policy = jax.tree.map(jnp.copy, base)
         ref = rollout_lib.Actor(spec, base) if needs_ref else None

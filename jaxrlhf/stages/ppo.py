@@ -141,13 +141,13 @@ def run(config: PPOConfig) -> PPOResult:
     lcfg, c_lcfg = config.lora, config.critic.lora
     base = r.params
     if lcfg is not None:
-        policy, ref = lora_lib.init(spec, base, lcfg, r.fold(1), dtype=dtype), None
+        policy, ref = lora_lib.init(spec, base, lcfg, r.fold(1), dtype=common.ADAPTER_DTYPE), None
     else:
         policy, ref = _copy(base), rl.Actor(spec, base)  # the state donates its copy; the reference stays
     if c_lcfg is not None:
-        critic = {
-            "backbone": lora_lib.init(c_spec, c_backbone, c_lcfg, r.fold(6), dtype=dtype),
-            "head": c_head,
+        critic = {  # f32 adapters and value head on the frozen backbone (common.ADAPTER_DTYPE)
+            "backbone": lora_lib.init(c_spec, c_backbone, c_lcfg, r.fold(6), dtype=common.ADAPTER_DTYPE),
+            "head": jax.tree.map(lambda x: x.astype(common.ADAPTER_DTYPE), c_head),
         }
     else:
         critic = {"backbone": _copy(c_backbone), "head": c_head}
