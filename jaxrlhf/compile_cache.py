@@ -5,7 +5,9 @@ argument, the environment variable ``JAXRLHF_COMPILATION_CACHE``, or ``$XDG_CACH
 (``~/.cache/jaxrlhf/jax_cache``). ``JAXRLHF_COMPILATION_CACHE=off`` (or ``0`` / ``false`` / ``none``) turns
 it off. A rerun or resume of the same config then loads its compiled steps instead of recompiling them
 (XLA executables are keyed by the program, the devices and the jax/XLA versions, so a changed config or
-upgrade simply misses). Programs that compile in under ``min_compile_secs`` are not written.
+upgrade simply misses). Programs that compile in under ``min_compile_secs`` are not written (default 1 s,
+or ``JAXRLHF_COMPILATION_CACHE_MIN_SECS``: ``0`` writes every program, which pays off for tiny models whose
+many small programs each compile in well under a second, e.g. a test suite restarting runs).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import jax
 
 ENV = "JAXRLHF_COMPILATION_CACHE"
+MIN_SECS_ENV = "JAXRLHF_COMPILATION_CACHE_MIN_SECS"
 _OFF = ("off", "0", "false", "none", "no")
 logger = logging.getLogger("jaxrlhf.compile_cache")
 
@@ -26,8 +29,9 @@ def default_cache_dir() -> str:
     return os.path.join(base, "jaxrlhf", "jax_cache")
 
 
-def enable_compilation_cache(path: str | None = None, *, min_compile_secs: float = 1.0) -> str | None:
+def enable_compilation_cache(path: str | None = None, *, min_compile_secs: float | None = None) -> str | None:
     """Turn the persistent cache on (see the module docstring); returns the directory, or None when off.
+    ``min_compile_secs`` None: ``$JAXRLHF_COMPILATION_CACHE_MIN_SECS``, else 1.0.
 
     Safe to call more than once (the last call wins). An unwritable directory logs a warning and leaves the
     cache off rather than failing the run.
@@ -42,6 +46,13 @@ def enable_compilation_cache(path: str | None = None, *, min_compile_secs: float
     except OSError as e:
         logger.warning("compilation cache off: cannot create %s (%s)", cache_dir, e)
         return None
+    if min_compile_secs is None:
+        raw = os.environ.get(MIN_SECS_ENV, "1.0")
+        try:
+            min_compile_secs = float(raw)
+        except ValueError:
+            logger.warning("%s=%r is not a number of seconds: using 1.0", MIN_SECS_ENV, raw)
+            min_compile_secs = 1.0
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -66,3 +66,15 @@ def test_compiled_program_is_written_to_the_cache(monkeypatch, tmp_path):
         pass
     jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.234567)(jnp.arange(7.0)).block_until_ready()
     assert os.listdir(cache_dir), "no cache entry was written"
+
+
+@pytest.mark.parametrize(("value", "want"), [(None, 1.0), ("0", 0.0), ("2.5", 2.5), ("soon", 1.0)])
+def test_min_compile_secs_from_env(monkeypatch, tmp_path, value, want):
+    if value is None:
+        monkeypatch.delenv(compile_cache.MIN_SECS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(compile_cache.MIN_SECS_ENV, value)
+    assert compile_cache.enable_compilation_cache(str(tmp_path / "c")) == str(tmp_path / "c")
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == want
+    compile_cache.enable_compilation_cache(str(tmp_path / "c"), min_compile_secs=3.0)  # the argument wins
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 3.0

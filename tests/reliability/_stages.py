@@ -67,6 +67,12 @@ STAGES = [
         "configs/tiny/grpo.yaml",
         RL + ["rollout.sampling.n=2", "grpo.num_iterations=1", "checkpoint.every=2"],
     ),
+    # RLOO: the GRPO stage's code with its own config (leave-one-out baselines, the KL in the reward)
+    (
+        "rloo",
+        "configs/tiny/rloo.yaml",
+        RL + ["rollout.sampling.n=2", "rloo.num_iterations=1", "checkpoint.every=2"],
+    ),
 ]
 ROWS = {stage: (config, sets) for stage, config, sets in STAGES}
 EXTRAS = {"rm": ("reward_head",), "ppo": ("value_head",)}

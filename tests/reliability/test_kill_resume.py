@@ -6,21 +6,23 @@ never picked up.
 The rows and their uninterrupted runs are shared with the reshard test (``_stages.py``: the
 ``uninterrupted`` fixture); a stage's kills are :func:`kills` unless :data:`KILLS` names its own. The RL rows
 (PPO against the reward model with an adaptive KL controller, a running reward normaliser and an EMA of
-the policy; GRPO against it with a KL term) check the whole RL state: the final train checkpoint (policy,
+the policy; GRPO against it with a KL term; RLOO, GRPO's loop with leave-one-out baselines and the KL in
+the reward) check the whole RL state: the final train checkpoint (policy,
 critic, optimizer moments, RNG, KL controller, reward normaliser, EMA, prompt position) and the exported
 policy equal the uninterrupted run's, and the policy moved from the SFT weights (no vacuous equality).
 
 The ``pipeline`` row (SFT -> RM -> GRPO in one command, each section the stand-alone row's settings) is
-killed during the SFT stage save, i.e. at the SFT -> RM boundary; it has no uninterrupted run of its own:
-every stage it ends with must equal the stand-alone rows' uninterrupted runs.
+killed during the SFT stage save, i.e. at the SFT -> RM boundary, and its rerun is killed again at a random
+RM step (a later stage of a resumed pipeline); it has no uninterrupted run of its own: every stage it ends
+with must equal the stand-alone rows' uninterrupted runs.
 
 Per stage: one uninterrupted run, then the same command is started, killed, and started again, once for each
 kill, and once more to the end. Checked: each kill that waited for a partial directory found it still there
-after the kill; every restart after a kill resumed from the newest checkpoint complete at the kill (the
-log's "resumed from ... at step N"), never a partial one; a SIGTERM ended the run with exit status 143 after
-saving the checkpoint of the step it stopped at; the final stage parameters (and extras) equal the
-uninterrupted run's; every train step is logged once with the same loss; no partial stage directory is left
-behind, and a partial train checkpoint left by a kill is never listed.
+after the kill; every restart after a kill resumed the killed stage run from the newest checkpoint complete
+at the kill (the log's "resumed from <run>/checkpoints at step N"), never a partial one; a SIGTERM ended
+the run with exit status 143 after saving the checkpoint of the step it stopped at; the final stage
+parameters (and extras) equal the uninterrupted run's; every train step is logged once with the same loss;
+no partial stage directory is left behind, and a partial train checkpoint left by a kill is never listed.
 """
 
 from __future__ import annotations
@@ -55,16 +57,28 @@ def kills(rng: random.Random, total_steps: int) -> list[_chaos.Kill]:
 
 
 KILLS = {  # stages whose kills differ from kills(): fewer (each costs a process start), other kinds
-    # PPO: SIGKILL at a random iteration and during the stage save (value head and EMA policy beside the
-    # params); the mid-checkpoint kill is the same Orbax machinery as SFT's / RM's / DPO's
-    "ppo": lambda rng, total: kills(rng, total)[1:],
+    # PPO (all of kills()): mid-checkpoint (the RL train state: policy, critic, KL controller, normaliser,
+    # EMA), at a random iteration, during the stage save (value head and EMA policy beside the params)
     # GRPO is preempted (SIGTERM) at a random iteration: it must save the iteration it stops at
     # (checkpoint.every=2: an odd iteration is saved only because of the signal) and exit 143
     "grpo": lambda rng, total: [
         _chaos.Kill("sigterm", at=rng.randint(1, total - 1), delay=rng.uniform(0.0, 0.3))
     ],
-    # the pipeline across the SFT -> RM boundary: during SFT's stage save
-    "pipeline": lambda rng, total: [_chaos.Kill("stage_tmp", sub="sft")],
+    # RLOO (GRPO's loop and checkpoints, its own config): SIGKILL at a random iteration
+    "rloo": lambda rng, total: [
+        _chaos.Kill("step", at=rng.randint(1, total - 1), delay=rng.uniform(0.0, 0.3))
+    ],
+    # the pipeline across the SFT -> RM boundary (during SFT's stage save), then the rerun again at a random
+    # RM step (a later stage of a resumed pipeline)
+    "pipeline": lambda rng, total: [
+        _chaos.Kill("stage_tmp", sub="sft"),
+        _chaos.Kill(
+            "step",
+            at=rng.randint(1, _stages.total_steps(_stages.ROWS["rm"][1]) - 1),
+            delay=rng.uniform(0.0, 0.3),
+            sub="rm",
+        ),  # fmt: skip
+    ],
 }
 
 
@@ -109,7 +123,7 @@ def test_killed_and_restarted_equals_uninterrupted(uninterrupted, tmp_path, stag
     for i, kill in enumerate(plan):
         out = _chaos.run(cmd, chaos_dir, str(tmp_path / f"chaos-{i}.log"), refs.cache, kill)
         if previous is not None and previous.killed:
-            _check_resume(previous, out, i)
+            _check_resume(previous, out, i, os.path.join(chaos_dir, plan[i - 1].sub))
         if not out.killed:
             assert out.returncode == 0, out.log[-4000:]
             previous = None
@@ -123,7 +137,7 @@ def test_killed_and_restarted_equals_uninterrupted(uninterrupted, tmp_path, stag
     final = _chaos.run(cmd, chaos_dir, str(tmp_path / "chaos-final.log"), refs.cache)
     assert final.returncode == 0, final.log[-4000:]
     if previous is not None:
-        _check_resume(previous, final, "final")
+        _check_resume(previous, final, "final", os.path.join(chaos_dir, plan[-1].sub))
     # the kills really happened where they were meant to (each trigger is reached by every stage)
     assert sorted(set(landed)) == sorted({k.when for k in plan}), landed
 
@@ -142,7 +156,11 @@ def _check_equal(stage: str, ref_dir: str, run_dir: str, total: int, sets: list[
     chex.assert_trees_all_close(b.lora, a.lora, atol=1e-6, rtol=1e-6)
     for name in extras:
         chex.assert_trees_all_close(b.extras[name], a.extras[name], atol=1e-6, rtol=1e-6)
-    if stage in ("ppo", "grpo"):  # the RL update really moved the policy: equal params are no accident
+    if stage in (
+        "ppo",
+        "grpo",
+        "rloo",
+    ):  # the RL update really moved the policy: equal params are no accident
         start = train.load_stage(next(s for s in sets if s.startswith("model.path="))[len("model.path=") :])
         moved = max(
             float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
@@ -192,10 +210,12 @@ def _check_preempted(out: _chaos.Outcome) -> None:
         assert int(m.group(1)) == max(out.complete_steps), (m.group(0), out.complete_steps)
 
 
-def _check_resume(killed: _chaos.Outcome, restart: _chaos.Outcome, i) -> None:
-    """The restart after a kill resumed from the newest checkpoint complete at the kill (None: none was)."""
+def _check_resume(killed: _chaos.Outcome, restart: _chaos.Outcome, i, run_dir: str) -> None:
+    """The restart after a kill resumed the stage run ``run_dir`` (the killed one) from the newest checkpoint
+    complete at the kill (None: none was)."""
     want = max(killed.complete_steps) if killed.complete_steps else None
-    assert restart.resumed_step == want, (
-        f"restart {i}: resumed at {restart.resumed_step}, newest complete checkpoint at the kill {want} "
+    got = _chaos.resumed_step(restart.log, run_dir)
+    assert got == want, (
+        f"restart {i}: resumed {run_dir} at {got}, newest complete checkpoint at the kill {want} "
         f"(partial: {killed.partial_seen})"
     )

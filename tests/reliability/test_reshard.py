@@ -3,24 +3,29 @@
 
 For each row of the shared stage table (``_stages.py``: SFT, RM on it, DPO on it, PPO and GRPO on it
 against the RM; a later stage adds a row there) the uninterrupted run on 8 devices (the ``uninterrupted``
-fixture, shared with the kill test) is the starting point. Then, in a process with 1 device and again in
-one with 4, the same command is rerun on a copy of the run directory with ``train.mesh`` (a key that may
-change on resume) left to fit the new device count: the stage's own runner restores the newest train
-checkpoint onto that mesh (the log's "resumed from ... at step N" at the last step), runs no step, and
-writes the stage checkpoint again from the restored state; those stage checkpoints (written on 1 and 4
-devices) are loaded on 4 devices (so 8 -> 1 -> 4) and must equal the 8-device params exactly. The 8-device
-stage checkpoints are also loaded with ``load_stage(mesh=...)`` in the 1- and 4-device processes: equal
-values, and on 4 devices really sharded.
+fixture, shared with the kill test) is the starting point. Then one process with 1 device, and after it one
+with 4, reruns every stage's command (``jaxrlhf.cli.main`` with the command's own argv, one stage after the
+other) on a copy of its run directory with ``train.mesh`` (a key that may change on resume) left to fit the
+new device count: the stage's own runner restores the newest train checkpoint onto that mesh (the log's
+"resumed from <copy>/checkpoints at step N" at the last step), runs no step, and writes the stage checkpoint
+again from the restored state. Those stage checkpoints (written on 1 and 4 devices) are loaded by the
+4-device process (so 8 -> 1 -> 4) and must equal the 8-device params exactly. The 8-device stage
+checkpoints are loaded with ``load_stage(mesh=...)`` here (8 devices) and in the 1- and 4-device processes:
+equal values, and on 4 devices really sharded. Two processes for all stages (not one per stage and mesh):
+each restart costs a process start, and the restore path is the same.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 
 import _chaos
+import _reshard_dump
 import _stages
 import numpy as np
 import pytest
@@ -37,51 +42,53 @@ def _env(devices: int, cache: str) -> dict:
     return env
 
 
-def _run(cmd, devices, cache, log):
+def _process(devices: int, commands: list[list[str]], stages: list[str], d, cache: str):
+    """Run ``commands`` then dump ``stages`` in one process of ``devices`` devices: (its log, the dump)."""
+    out, log = d / f"dump-{devices}.npz", d / f"process-{devices}.log"
+    plan = d / f"plan-{devices}.json"
+    plan.write_text(json.dumps({"commands": commands, "stages": stages, "out": str(out)}))
     with open(log, "w") as f:
         p = subprocess.run(
-            cmd, env=_env(devices, cache), stdout=f, stderr=subprocess.STDOUT, cwd=_chaos.ROOT,
-            timeout=_chaos.TIMEOUT,
+            [sys.executable, os.path.join(HERE, "_reshard_dump.py"), str(plan)], env=_env(devices, cache),
+            stdout=f, stderr=subprocess.STDOUT, cwd=_chaos.ROOT, timeout=_chaos.TIMEOUT * len(STAGES),
         )  # fmt: skip
-    text = open(log).read()
+    text = log.read_text()
     assert p.returncode == 0, text[-4000:]
-    return text
+    return text, dict(np.load(out))
 
 
-def _dump(out, items, devices, cache):
-    subprocess.run(
-        [sys.executable, os.path.join(HERE, "_reshard_dump.py"), str(out), *items],
-        env=_env(devices, cache), check=True, cwd=_chaos.ROOT, timeout=_chaos.TIMEOUT,
-    )  # fmt: skip
-    return dict(np.load(out))
+def _resumed_at(log: str, run_dir) -> int | None:
+    where = re.escape(os.path.join(str(run_dir), "checkpoints"))
+    m = re.search(rf"resumed from {where} at step (\d+)", log)
+    return int(m.group(1)) if m else None
 
 
 @pytest.fixture(scope="module")
 def runs(uninterrupted, tmp_path_factory):
     """The shared uninterrupted runs (8 devices), each resumed on copies with 1 and 4 devices, and the
-    stage checkpoints of all of them dumped by processes of 8, 1 and 4 devices."""
+    stage checkpoints of all of them dumped on 8 (here), 1 and 4 devices."""
     d = tmp_path_factory.mktemp("reshard")
     cache = uninterrupted.cache
-    out = {}
+    out, item8, commands = {}, [], {1: [], 4: []}
     for stage in STAGES:
         run8 = uninterrupted.run_dir(stage)
-        resumed = {}
+        extras = _stages.EXTRAS.get(stage, ())
         for n in (1, 4):
             copy = d / stage / str(n)
             shutil.copytree(run8, copy)
             shutil.rmtree(copy / "stage")
-            cmd = uninterrupted.command(stage, str(copy))  # the same command; output_dir may change
-            resumed[n] = _chaos._RESUMED.search(_run(cmd, n, cache, d / f"{stage}-{n}.log"))
-        extras = _stages.EXTRAS.get(stage, ())
+            commands[n].append(uninterrupted.command(stage, str(copy))[3:])  # the argv after "-m jaxrlhf.cli"
         total = _stages.total_steps(_stages.ROWS[stage][1])
-        out[stage] = {"8": run8, "resumed": resumed, "extras": extras, "total": total}
-    items = [f"{os.path.join(out[s]['8'], 'stage')}:{','.join(out[s]['extras'])}" for s in STAGES]
-    for n in (8, 1, 4):
-        out[f"dump{n}"] = _dump(d / f"dump-{n}.npz", items, n, cache)
+        out[stage] = {"8": run8, "extras": extras, "total": total}
+        item8.append(f"{os.path.join(run8, 'stage')}:{','.join(extras)}")
+    out["dump8"] = _reshard_dump.dump(item8)  # this process: the 8 devices of tests/conftest.py
+    log1, out["dump1"] = _process(1, commands[1], item8, d, cache)
     # the stage checkpoints written from the train states restored on 1 and 4 devices, all loaded on 4:
-    # item 2 * i + j is stage i resumed on (1, 4)[j]
-    items = [f"{d / s / str(n) / 'stage'}:{','.join(out[s]['extras'])}" for s in STAGES for n in (1, 4)]
-    out["resumed_dump"] = _dump(d / "resumed.npz", items, 4, cache)
+    # item len(STAGES) + 2 * i + j is stage i resumed on (1, 4)[j]
+    resumed = [f"{d / s / str(n) / 'stage'}:{','.join(out[s]['extras'])}" for s in STAGES for n in (1, 4)]
+    log4, out["dump4"] = _process(4, commands[4], item8 + resumed, d, cache)
+    for stage in STAGES:
+        out[stage]["resumed"] = {n: _resumed_at(log, d / stage / str(n)) for n, log in ((1, log1), (4, log4))}
     return out
 
 
@@ -108,12 +115,11 @@ def test_stage_checkpoint_loads_on_1_and_4_devices(runs, index, stage):
 def test_train_checkpoint_resumes_on_1_and_4_devices(runs, stage):
     r = runs[stage]
     for n in (1, 4):
-        m = r["resumed"][n]
-        assert m is not None and int(m.group(1)) == r["total"], f"{stage} on {n} devices did not resume"
+        assert r["resumed"][n] == r["total"], f"{stage} on {n} devices: resumed at {r['resumed'][n]}"
     index = STAGES.index(stage)
     ref = _values(runs["dump8"], index)
     for j, n in enumerate((1, 4)):
-        got = _values(runs["resumed_dump"], 2 * index + j)
+        got = _values(runs["dump4"], len(STAGES) + 2 * index + j)
         assert sorted(got) == sorted(ref)
         for k in ref:  # the stage written from the train state restored on n devices
             np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{stage} {k} resumed on {n} devices")
