@@ -1,5 +1,6 @@
 """Hostile data: hypothesis writes JSON-lines files of every format (preference, prompt, messages,
-prompt/completion, text) whose fields hold anything (missing, null, numbers, booleans, empty or blank
+prompt/completion, text, alpaca (as SFT rows and as prompts), ShareGPT ``conversations`` of ``from`` /
+``value`` turns) whose fields hold anything (missing, null, numbers, booleans, empty or blank
 strings, lone surrogates, lists, objects, mixed types across rows, non-object lines, broken JSON) and builds
 the dataset twice, ``on_bad_row=error`` and ``skip``.
 
@@ -27,13 +28,16 @@ import _tokenizers  # noqa: E402
 from jaxrlhf import data  # noqa: E402
 from jaxrlhf.data.errors import SKIP_HINT, BadRowsError  # noqa: E402
 
-# format -> (dataset kind, the columns a row of it has)
+# case -> (data.format, dataset kind, the columns a row of it has)
 FORMATS = {
-    "preference": ("preference", ("prompt", "chosen", "rejected", "margin")),
-    "prompt": ("prompt", ("prompt",)),
-    "messages": ("sft", ("messages",)),
-    "prompt_completion": ("sft", ("prompt", "completion")),
-    "text": ("sft", ("text",)),
+    "preference": ("preference", "preference", ("prompt", "chosen", "rejected", "margin")),
+    "prompt": ("prompt", "prompt", ("prompt",)),
+    "messages": ("messages", "sft", ("messages",)),
+    "prompt_completion": ("prompt_completion", "sft", ("prompt", "completion")),
+    "text": ("text", "sft", ("text",)),
+    "alpaca": ("alpaca", "sft", ("instruction", "input", "output")),
+    "alpaca_prompt": ("alpaca", "prompt", ("instruction", "input", "output")),  # PPO / GRPO prompts
+    "sharegpt": ("messages", "sft", ("conversations",)),  # FastChat / ShareGPT: from / value turns
 }
 
 
@@ -50,6 +54,14 @@ _message = st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "assistant", "system", "human", "gpt", "robot", None, 3])},
     optional={"content": st.one_of(_text, st.none(), st.integers())},
 )
+_turn = st.fixed_dictionaries(  # a ShareGPT turn, some with role / content keys or both spellings
+    {"from": st.sampled_from(["human", "gpt", "system", "user", "bot", None, 1])},
+    optional={
+        "value": st.one_of(_text, st.none(), st.integers()),
+        "role": st.sampled_from(["user", "assistant", "gpt"]),
+        "content": _text,
+    },
+)
 _value = st.one_of(
     _text,
     st.none(),
@@ -60,11 +72,12 @@ _value = st.one_of(
     st.lists(st.integers(0, 3), max_size=2),
     st.dictionaries(st.sampled_from(["a", "role"]), _text, max_size=2),
 )
+_VALUES = {"sharegpt": st.one_of(_value, st.lists(_turn, max_size=3))}
 
 
 @st.composite
 def rows(draw, fmt):
-    columns = FORMATS[fmt][1]
+    columns = FORMATS[fmt][2]
     out = []
     for _ in range(draw(st.integers(1, 6))):
         kind = draw(st.sampled_from(["good", "good", "fuzz", "line"]))
@@ -76,7 +89,7 @@ def rows(draw, fmt):
             if kind == "good":
                 row[col] = _good(fmt, col)
             elif draw(st.booleans()):
-                row[col] = draw(_value)
+                row[col] = draw(_VALUES.get(fmt, _value))
         out.append(row)
     return out
 
@@ -84,6 +97,8 @@ def rows(draw, fmt):
 def _good(fmt, col):
     if fmt == "messages":
         return [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello you"}]
+    if fmt == "sharegpt":
+        return [{"from": "human", "value": "hi there"}, {"from": "gpt", "value": "hello you"}]
     return {"chosen": " yes please", "rejected": " no", "margin": 1.0}.get(col, "some words here")
 
 
@@ -94,10 +109,11 @@ def _write(path, rows):
 
 
 def _build(path, tok, fmt, cache, on_bad_row):
+    form, kind, _ = FORMATS[fmt]
     cfg = data.DataConfig(
-        path=path, format=fmt, max_length=64, template="chatml", on_bad_row=on_bad_row, cache_dir=cache
+        path=path, format=form, max_length=64, template="chatml", on_bad_row=on_bad_row, cache_dir=cache
     )
-    return data.build_dataset(cfg, tok, FORMATS[fmt][0])
+    return data.build_dataset(cfg, tok, kind)
 
 
 def _check_error(e: data.DataError, path: str, n: int) -> None:
@@ -225,3 +241,26 @@ def test_every_bad_row_in_one_error_up_to_the_limit(tok, tmp_path):
     assert len(e.value.errors) == MAX_REPORTED and e.value.total == n
     assert f"row {MAX_REPORTED}, field 'completion' (line {MAX_REPORTED + 1} of the file)" in msg
     assert f"row {MAX_REPORTED + 1}," not in msg
+
+
+def test_alpaca_and_sharegpt_bad_rows_name_row_and_field(tok, tmp_path):
+    turns = [{"from": "human", "value": "hi there"}, {"from": "gpt", "value": "hello you"}]
+    cases = [
+        ("sharegpt", [{"conversations": turns}, {"conversations": [turns[0], {"from": "bot", "value": "x"}]}],
+         "row 1, field 'conversations' (line 2 of the file): message 1 has unknown role 'bot' in 'from'"),
+        ("sharegpt", [{"conversations": turns}, {"conversations": [turns[0], {"from": "gpt", "value": 7}]}],
+         "row 1, field 'conversations' (line 2 of the file): message 1 content must be a string, got int"),
+        ("alpaca", [{"instruction": "do it", "output": "done"}, {"instruction": "do it", "input": 3,
+                                                               "output": "done"}],
+         "row 1, field 'input' (line 2 of the file): expected a string, got int"),
+        ("alpaca", [{"instruction": "do it", "output": "done"}, {"instruction": " ", "output": "done"}],
+         "row 1, field 'instruction' (line 2 of the file): is empty"),
+    ]  # fmt: skip
+    for i, (fmt, file_rows, want) in enumerate(cases):
+        path = tmp_path / f"rows{i}.jsonl"
+        _write(path, file_rows)
+        with pytest.raises(data.DataError) as e:
+            _build(str(path), tok, fmt, str(tmp_path / f"c{i}"), "error")
+        assert f"{path}, {want}" in str(e.value), str(e.value)
+        ds = _build(str(path), tok, fmt, str(tmp_path / f"s{i}"), "skip")
+        assert len(ds.data) == 1 and ds.skipped == 1
