@@ -22,6 +22,7 @@ import pytest
 from jaxrlhf import data, losses, models, train
 from jaxrlhf.config import load_config
 from jaxrlhf.stages import dpo
+from tests.stages._compile_cache import module_compile_cache  # noqa: F401  (autouse: reruns load)
 
 pytestmark = pytest.mark.slow  # a 150-step DPO run on the session's tiny SFT stage, and a few short ones
 

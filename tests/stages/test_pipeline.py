@@ -14,6 +14,7 @@ import pytest
 from jaxrlhf import cli, train
 from jaxrlhf.config import ConfigError, load_config
 from jaxrlhf.stages import pipeline
+from tests.stages._compile_cache import module_compile_cache  # noqa: F401  (autouse: reruns load)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 YAML = os.path.join(ROOT, "configs", "tiny", "pipeline.yaml")

@@ -21,6 +21,7 @@ import pytest
 from jaxrlhf import train
 from jaxrlhf.config import load_config
 from jaxrlhf.stages import ppo, sft
+from tests.stages._compile_cache import module_compile_cache  # noqa: F401  (autouse: reruns load)
 from tests.stages._tiny_stages import ROOT, SFT_YAML, rm_config, shared_caches
 
 PPO_YAML = os.path.join(ROOT, "configs", "tiny", "ppo.yaml")
@@ -159,14 +160,21 @@ def test_t5_policy_reward_rises(tmp_path_factory):
 
 
 def test_stop_and_rerun_equals_uninterrupted(tiny_sft, tmp_path_factory):
-    sets = ["reward.path=null", f"reward.function={HERE}:terse_reward", "samples.num=0", "checkpoint.every=2"]
+    # the config of test_python_reward_rises but the iterations (its compiled programs are in the module's
+    # compilation cache): 2 uninterrupted, or 1 then resumed to 2
+    sets = ["reward.path=null", f"reward.function={HERE}:terse_reward", "samples.num=0", "checkpoint.every=1"]
     full = ppo.run(_cfg(tmp_path_factory.mktemp("ppo_a"), tmp_path_factory, tiny_sft.stage_dir, *sets,
-                        "train.iterations=4"))  # fmt: skip
+                        "train.iterations=2"))  # fmt: skip
     out = tmp_path_factory.mktemp("ppo_b")
-    ppo.run(_cfg(out, tmp_path_factory, tiny_sft.stage_dir, *sets, "train.iterations=2"))
-    resumed = ppo.run(_cfg(out, tmp_path_factory, tiny_sft.stage_dir, *sets, "train.iterations=4"))
+    ppo.run(_cfg(out, tmp_path_factory, tiny_sft.stage_dir, *sets, "train.iterations=1"))
+    resumed = ppo.run(_cfg(out, tmp_path_factory, tiny_sft.stage_dir, *sets, "train.iterations=2"))
     a, b = train.load_stage(full.stage_dir), train.load_stage(resumed.stage_dir)
     chex.assert_trees_all_close(b.params, a.params, atol=1e-6, rtol=1e-6)
+    assert (
+        [r["step"] for r in _records(resumed.run_dir)]
+        == [r["step"] for r in _records(full.run_dir)]
+        == [1, 2]
+    )
     np.testing.assert_allclose(
         [r["policy_loss"] for r in _records(resumed.run_dir)],
         [r["policy_loss"] for r in _records(full.run_dir)],
