@@ -20,3 +20,21 @@ import hypothesis  # noqa: E402
 
 hypothesis.settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True)
 hypothesis.settings.load_profile("ci")
+
+
+def pytest_configure(config):
+    # pytest-xdist's --dist loadfile hands files out largest first by *number of tests* (loadscopereorder),
+    # which puts the few-test, long-running files (the CLI kill / reshard runs, the stage tests) last, where
+    # one worker runs them alone while the other idles. Files go out in collection order instead, and
+    # pytest_collection_modifyitems orders them: slow files first, then the rest by test count.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    files: dict[str, list] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    slow = {f for f, its in files.items() if any(it.get_closest_marker("slow") for it in its)}
+    order = sorted(files, key=lambda f: (f not in slow, 0 if f in slow else -len(files[f])))  # stable
+    items[:] = [it for f in order for it in files[f]]
