@@ -1,7 +1,7 @@
 """Resharding: the train checkpoints and stage checkpoints of every stage, written on 8 fake devices
 (``fsdp=8``), restore on another mesh with equal params: 8 -> 1 -> 4 devices.
 
-For each row of the shared stage table (``_stages.py``: SFT, RM on it, DPO on it, PPO and GRPO on it
+For each row of the shared stage table (``_stages.py``: SFT, RM on it, DPO on it, PPO, GRPO and RLOO on it
 against the RM; a later stage adds a row there) the uninterrupted run on 8 devices (the ``uninterrupted``
 fixture, shared with the kill test) is the starting point. Then one process with 1 device, and after it one
 with 4, reruns every stage's command (``jaxrlhf.cli.main`` with the command's own argv, one stage after the
