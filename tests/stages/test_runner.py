@@ -120,8 +120,9 @@ def test_lora_checkpoints_hold_no_base_and_the_stage_records_it(first, tmp_path_
     n_adapter = sum(x.size for x in jax.tree.leaves(stage.lora))
     state_bytes = _dir_bytes(lo / "checkpoints" / "2" / "state")
     base_bytes = os.path.getsize(base_dir / "model.safetensors")
-    # adapters + AdamW's two moments in f32 (+ Orbax metadata); the 1.4 MB base is not in there
-    assert 3 * 4 * n_adapter <= state_bytes < 3 * 4 * n_adapter + 120_000 < base_bytes / 4, (
+    # adapters + AdamW's two moments in f32 (+ Orbax metadata, and OCDBT data files whose count varies with
+    # the async write: 89-181 kB seen); the 1.4 MB base is not in there
+    assert 3 * 4 * n_adapter <= state_bytes < base_bytes / 4, (
         state_bytes,
         n_adapter,
         base_bytes,
