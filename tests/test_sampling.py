@@ -235,20 +235,25 @@ def test_truncation_sorts_nothing(kw):
     assert not names & {"sort", "top_k", "approx_top_k"}, names
 
 
-@hypothesis.settings(max_examples=60, deadline=None)
+@functools.cache
+def _kth_jit(k: int, chunk: int):
+    from jaxrlhf._sampling import kth_largest_key
+
+    return jax.jit(lambda x: kth_largest_key(x, k, chunk))
+
+
+@hypothesis.settings(max_examples=25, deadline=None)
 @hypothesis.given(
     seed=st.integers(0, 2**31 - 1),
-    vocab=st.integers(20, 130),
-    k=st.integers(1, 6),
-    chunk=st.sampled_from([2, 3, 4, 8]),
+    vocab=st.sampled_from([130]),  # a padded last chunk for both chunk sizes; one compile per (k, chunk)
+    k=st.sampled_from([1, 6]),
+    chunk=st.sampled_from([3, 8]),
     levels=st.sampled_from([0, 3, 1000]),  # 0: continuous values; else that many distinct values (ties)
     masked=st.booleans(),
 )
 def test_two_level_kth_largest_is_exact(seed, vocab, k, chunk, levels, masked):
     """kth_largest_key (chunk maxima, then a search over k chunks) == the k-th largest key of the row, with
     ties across chunks (the tied-maximum chunks not kept), -inf runs and a padded last chunk."""
-    from jaxrlhf._sampling import kth_largest_key
-
     rs = np.random.RandomState(seed)
     z = rs.randn(5, vocab).astype(np.float32)
     if levels:
@@ -256,6 +261,6 @@ def test_two_level_kth_largest_is_exact(seed, vocab, k, chunk, levels, masked):
     if masked:
         z[:, rs.rand(vocab) < 0.5] = -np.inf
     keys = _ordered_keys(jnp.asarray(z))
-    got = np.asarray(jax.jit(lambda x: kth_largest_key(x, k, chunk))(keys))
+    got = np.asarray(_kth_jit(k, chunk)(keys))
     want = np.sort(np.asarray(keys), axis=1)[:, ::-1][:, k - 1]
     np.testing.assert_array_equal(got, want)
