@@ -18,6 +18,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import tempfile
 import time
 
@@ -65,6 +66,11 @@ def summarize(events: list[dict], top: int) -> dict:
     total = sum(v[1] for v in by_name.values())
     rows = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
     per_thread: dict[str, int] = collections.Counter(e.get("thread", "") for e in events)
+    groups: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    for name, (c, t) in by_name.items():  # "loop_add_fusion_12" -> "loop_add_fusion"; kernels by kind
+        g = groups[re.sub(r"[._]?\d+$", "", name.split("(")[0])[:60]]
+        g[0] += c
+        g[1] += t
     return dict(
         threads=dict(per_thread.most_common(6)),
         kernel_us=total,
@@ -73,6 +79,11 @@ def summarize(events: list[dict], top: int) -> dict:
             dict(name=k[:90], count=c, us=round(t, 1), share=round(t / max(total, 1e-9), 4))
             for k, (c, t) in rows
         ],
+        kinds=[
+            dict(kind=k, count=c, us=round(t, 1))
+            for k, (c, t) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]
+        ],
+        all_kernels={k: [c, round(t, 1)] for k, (c, t) in by_name.items()},
     )
 
 
@@ -175,10 +186,16 @@ def main() -> None:
     p.add_argument("--pad-single-row", type=int, default=1, help="decode: batch 1 as two rows on GPU (1/0)")
     p.add_argument("--stage-config", default=None, help="sft: the SFT stage's own step (a config)")
     p.add_argument("--set", action="append", default=[], help="sft --stage-config: override key=value")
+    p.add_argument("--dump", default=None, help="also write the result JSON with every kernel to FILE.json")
     args = p.parse_args()
     if args.tiny:
         args.prompt, args.new = 16, 16
-    print(json.dumps(profile_decode(args) if args.what == "decode" else profile_sft(args)), flush=True)
+    out = profile_decode(args) if args.what == "decode" else profile_sft(args)
+    if args.dump:
+        with open(args.dump + ".json", "w") as f:
+            json.dump(out, f)
+    out.pop("all_kernels")
+    print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":

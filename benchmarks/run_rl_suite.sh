@@ -98,11 +98,13 @@ cmd_of() {
     # issue 16 (the training step and the sampler; GPU only, not in the default list):
     #   bash benchmarks/run_rl_suite.sh liger-full sft-full liger-lora sft-lora gen-sampling
     #   bash benchmarks/run_rl_suite.sh sft-8k-lora sft-8k-full-remat trl-dpo dpo-onthefly
-    # the stage-step parts build bench data + 1.24B weights first (~80 s on the H200 of 2026-12-02)
+    # the stage-step parts build bench data + 1.24B weights first (~20 s on the H200; compile ~20 s)
     liger-full) echo "120|$BASE/hf_llama1b.py train --batch 8 --seq 2048 --liger" ;;
     liger-lora) echo "120|$BASE/hf_llama1b.py train --batch 8 --seq 2048 --liger --lora 16" ;;
-    sft-full) echo "200|benchmarks/sft.py --stage-config $CFG/sft_llama1b.yaml --set model.attention_impl=auto" ;;
-    sft-lora) echo "200|benchmarks/sft.py --stage-config $CFG/sft_llama1b_lora.yaml --set model.attention_impl=auto" ;;
+    sft-full) echo "150|benchmarks/sft.py --stage-config $CFG/sft_llama1b.yaml --set model.attention_impl=auto" ;;
+    sft-lora) echo "150|benchmarks/sft.py --stage-config $CFG/sft_llama1b_lora.yaml --set model.attention_impl=auto" ;;
+    sft-lora-savedots) echo "150|benchmarks/sft.py --stage-config $CFG/sft_llama1b_lora.yaml --set model.attention_impl=auto --set model.remat=save_dots" ;;
+    sft-full-savedots) echo "150|benchmarks/sft.py --stage-config $CFG/sft_llama1b.yaml --set model.attention_impl=auto --set model.remat=save_dots" ;;
     sft-8k-lora) echo "240|benchmarks/sft.py --stage-config $CFG/sft_llama1b_lora.yaml --set model.attention_impl=auto --set data.max_length=8192 --steps 3" ;;
     sft-8k-full-remat) echo "240|benchmarks/sft.py --stage-config $CFG/sft_llama1b.yaml --set model.attention_impl=auto --set data.max_length=8192 --set model.remat=full --steps 3" ;;
     gen-sampling) echo "200|benchmarks/generate.py --batch 64 --sampling greedy topp0.9 topk50 --repeats 2" ;;

@@ -1,12 +1,23 @@
 """LM head + cross-entropy / log-probs in sequence chunks: the ``[B, T, V]`` float32 logits never exist.
 
 Hidden ``h [B, T, E]`` (``models.lm_head_operands``), kernel ``W [E, V]``, optional bias ``b [V]``, targets
-``y [B, T]``. The sequence is cut into ``k`` chunks of ``C`` positions (``B * C ~ chunk_size`` tokens; the
-batch axis stays whole, so a batch-sharded ``h`` needs no resharding) and a ``lax.scan`` runs over them::
+``y [B, T]``, an optional mask ``m [B, T]`` of the positions that matter. The sequence is cut into ``k``
+chunks of ``C`` positions (``B * C ~ chunk_size`` tokens; the batch axis stays whole, so a batch-sharded ``h``
+needs no resharding) and a loop runs over them::
 
-    z_c   = (h_c @ W + b) / temperature               [B, C, V] f32 (one chunk at a time)
+    z_c   = (h_c @ W + b) / temperature               [B, C, V] (one chunk at a time)
     lse_c = logsumexp(z_c);  p_c = exp(z_c - lse_c)
     logp  = z_c[y] - lse_c;  H = -sum_v p_c log p_c
+
+**Only the masked positions are computed.** Each row's masked positions are moved to its front (a stable
+per-row permutation, undone on the way out), and the loop runs over the first ``ceil(max_b n_b / C)``
+chunks only, ``n_b`` = masked positions of row ``b`` (a dynamic trip count): an SFT batch with the loss on
+the completions, or a DPO pair's completion tokens, pays the LM head for those and not for the prompts.
+
+``z`` is produced by the matmul in ``logits_dtype`` (default float32; the stages pass their compute dtype,
+bf16, as the PyTorch stacks' autocast LM head does) and every reduction runs in float32. Per chunk: one
+(max, argmax) pass, one sum-of-exp pass, the target logit by a gather, and (with gradients) one pass that
+writes ``dz``.
 
 Gradients (custom VJPs), with ``onehot = (v == y)`` and ``a`` the label smoothing, ``zc`` the z-loss weight::
 
@@ -24,40 +35,98 @@ differentiated (LoRA: frozen heads cost no weight-gradient matmul).
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-DEFAULT_CHUNK_TOKENS = 4096
-
-
-def _split(x: jax.Array, k: int, c: int) -> jax.Array:
-    """``[B, T, ...] -> [k, B, C, ...]`` (T zero-padded to ``k * C``)."""
-    b, t = x.shape[:2]
-    pad = k * c - t
-    if pad:
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    return jnp.moveaxis(x.reshape((b, k, c) + x.shape[2:]), 1, 0)
-
-
-def _join(x: jax.Array, t: int) -> jax.Array:
-    """``[k, B, C, ...] -> [B, T, ...]`` (inverse of :func:`_split`)."""
-    x = jnp.moveaxis(x, 0, 1)
-    return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :t]
+DEFAULT_CHUNK_TOKENS = 2048
 
 
 def _layout(shape: tuple[int, ...], chunk_size: int) -> tuple[int, int]:
+    """``(k, C)``: ``k`` chunks of ``C`` positions cover ``T`` (``B * C ~ chunk_size`` tokens)."""
     b, t = shape[:2]
     k = -(-t // max(1, chunk_size // max(b, 1)))
     return k, -(-t // k)
 
 
-def _z(h, w, bias, inv_temp):
-    z = jnp.einsum("bce,ev->bcv", h, w, preferred_element_type=jnp.float32)
+class _Chunks:
+    """The chunk layout of ``[B, T, ...]`` arrays: padded to ``k * C`` positions and, with a mask, each row's
+    masked positions first (``perm``: compacted -> original position, ``dest``: original -> compacted).
+    ``n``: chunks to run (``k``, or the traced ``ceil(max_b n_b / C)`` with a mask)."""
+
+    def __init__(self, shape: tuple[int, ...], chunk_size: int, mask: jax.Array | None):
+        self.t = shape[1]
+        self.k, self.c = _layout(shape, chunk_size)
+        kc = self.k * self.c
+        self.perm = self.dest = None
+        self.n: Any = self.k
+        if mask is not None:
+            m = mask > 0
+            mp = jnp.pad(m, ((0, 0), (0, kc - self.t)))
+            iota = jax.lax.broadcasted_iota(jnp.int32, mp.shape, 1)
+            self.perm = jnp.argsort(jnp.where(mp, iota, iota + kc), axis=1)  # masked first, in order
+            count = jnp.sum(m, axis=1, dtype=jnp.int32)
+            self.dest = jnp.where(
+                m,
+                jnp.cumsum(m, axis=1, dtype=jnp.int32) - 1,
+                count[:, None] + jnp.cumsum(~m, axis=1, dtype=jnp.int32) - 1,
+            )
+            self.n = (jnp.max(count) + self.c - 1) // self.c
+
+    def take(self, x: jax.Array) -> jax.Array:
+        """``[B, T, ...] -> [B, k C, ...]`` in chunk order."""
+        pad = self.k * self.c - self.t
+        if pad:
+            x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        if self.perm is None:
+            return x
+        return jnp.take_along_axis(x, self.perm.reshape(self.perm.shape + (1,) * (x.ndim - 2)), axis=1)
+
+    def back(self, x: jax.Array) -> jax.Array:
+        """``[B, k C, ...] -> [B, T, ...]`` (inverse of :meth:`take`)."""
+        if self.dest is None:
+            return x[:, : self.t]
+        return jnp.take_along_axis(x, self.dest.reshape(self.dest.shape + (1,) * (x.ndim - 2)), axis=1)
+
+    def chunk(self, x: jax.Array, i: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_slice_in_dim(x, i * self.c, self.c, axis=1)
+
+    def put(self, buf: jax.Array, x: jax.Array, i: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), i * self.c, axis=1)
+
+    def loop(self, body, init):
+        return jax.lax.fori_loop(0, self.n, body, init)
+
+
+def _z(h, w, bias, inv_temp, dtype):
+    """The chunk's logits ``[B, C, V]`` in float32, from a matmul that writes ``dtype``."""
+    z = jnp.einsum("bce,ev->bcv", h, w, preferred_element_type=dtype).astype(jnp.float32)
     if bias is not None:
         z = z + bias.astype(jnp.float32)
     return z * inv_temp if inv_temp != 1.0 else z
+
+
+def _max_argmax(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(max, argmax)`` over the last axis in one variadic reduction (first index on ties, as jnp.argmax)."""
+    idx = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
+
+    def pick(a, b):
+        (av, ai), (bv, bi) = a, b
+        take_b = (bv > av) | ((bv == av) & (bi < ai))
+        return jnp.where(take_b, bv, av), jnp.where(take_b, bi, ai)
+
+    init = (jnp.array(-jnp.inf, z.dtype), jnp.array(0, jnp.int32))
+    return jax.lax.reduce((z, idx), init, pick, (z.ndim - 1,))
+
+
+def _lse(z: jax.Array, zmax: jax.Array) -> jax.Array:
+    return zmax + jnp.log(jnp.sum(jnp.exp(z - zmax[..., None]), axis=-1))
+
+
+def _picked(z: jax.Array, y: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(z, y[..., None].astype(jnp.int32), axis=-1, mode="clip")[..., 0]
 
 
 def _onehot(z, y):
@@ -73,6 +142,10 @@ def _grads(dz, h, w, bias, need_h, need_w):
     return dh, dw, db
 
 
+def _add(acc, new):
+    return tuple(a if d is None else a + d for a, d in zip(acc, new, strict=True))
+
+
 def _check(hidden, kernel, targets, name):
     if hidden.ndim != 3 or kernel.ndim != 2 or hidden.shape[-1] != kernel.shape[0]:
         raise ValueError(f"{name}: hidden [B, T, E] {hidden.shape} and kernel [E, V] {kernel.shape} disagree")
@@ -83,67 +156,82 @@ def _check(hidden, kernel, targets, name):
 # ------------------------------------------------------------------------------------------------- log-probs
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _logprobs(h, w, bias, y, inv_temp, chunk, entropy):
-    k, c = _layout(h.shape, chunk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _logprobs(h, w, bias, y, mask, inv_temp, chunk, entropy, zdt):
+    return _logprobs_pass(h, w, bias, y, mask, inv_temp, chunk, entropy, zdt)[0]
 
-    def body(_, xs):
-        hc, yc = xs
-        z = _z(hc, w, bias, inv_temp)
-        lse = jax.nn.logsumexp(z, axis=-1)
-        logp = jnp.sum(jnp.where(_onehot(z, yc), z, 0.0), axis=-1) - lse
+
+def _logprobs_pass(h, w, bias, y, mask, inv_temp, chunk, entropy, zdt):
+    """``((logp, ent) [B, T], (lse, ent) [B, k C] in chunk order)``; zero where ``mask`` is 0."""
+    ch = _Chunks(h.shape, chunk, mask)
+    hs, ys = ch.take(h), ch.take(y)
+    ms = ch.take(mask > 0) if mask is not None else None
+    b, kc = ys.shape
+    zero = jnp.zeros((b, kc), jnp.float32)
+
+    def body(i, bufs):
+        hc, yc = ch.chunk(hs, i), ch.chunk(ys, i)
+        z = _z(hc, w, bias, inv_temp, zdt)
+        lse = _lse(z, jnp.max(z, axis=-1))
+        logp = _picked(z, yc) - lse
         if entropy:  # -sum p log p (as losses.token_entropy; lse - sum p z cancels at low entropy)
             lp = z - lse[..., None]
             ent = -jnp.sum(jnp.exp(lp) * lp, axis=-1)
         else:
             ent = jnp.zeros_like(lse)
-        return None, (logp, ent, lse)
+        if ms is not None:
+            on = ch.chunk(ms, i)
+            logp, ent, lse = (jnp.where(on, x, 0.0) for x in (logp, ent, lse))
+        return tuple(ch.put(buf, x, i) for buf, x in zip(bufs, (logp, ent, lse), strict=True))
 
-    _, (logp, ent, lse) = jax.lax.scan(body, None, (_split(h, k, c), _split(y, k, c)))
-    t = h.shape[1]
-    return _join(logp, t), _join(ent, t), _join(lse, t)
+    logp, ent, lse = ch.loop(body, (zero, zero, zero))
+    return (ch.back(logp), ch.back(ent)), (lse, ent)
 
 
-def _logprobs_fwd(h, w, bias, y, inv_temp, chunk, entropy):
-    out = _logprobs(
-        h.value, w.value, bias.value if bias is not None else None, y.value, inv_temp, chunk, entropy
-    )
+def _logprobs_fwd(h, w, bias, y, mask, inv_temp, chunk, entropy, zdt):
+    b = bias.value if bias is not None else None
+    m = mask.value if mask is not None else None
+    out, (lse, ent) = _logprobs_pass(h.value, w.value, b, y.value, m, inv_temp, chunk, entropy, zdt)
     flags = (h.perturbed, w.perturbed or (bias is not None and bias.perturbed))
-    res = (h.value, w.value, bias.value if bias is not None else None, y.value, out[1], out[2])
+    res = (h.value, w.value, b, y.value, m, lse, ent)
     return out, (res, tuple(() if f else None for f in flags))
 
 
-def _logprobs_bwd(inv_temp, chunk, entropy, saved, g):
-    (h, w, bias, y, ent, lse), (fh, fw) = saved
+def _logprobs_bwd(inv_temp, chunk, entropy, zdt, saved, g):
+    (h, w, bias, y, mask, lse, ent), (fh, fw) = saved
     need_h, need_w = fh is not None, fw is not None
-    g_lp, g_ent = (None if isinstance(x, SymbolicZero) else x for x in g[:2])
-    k, c = _layout(h.shape, chunk)
+    g_lp, g_ent = (None if isinstance(x, SymbolicZero) else x for x in g)
+    ch = _Chunks(h.shape, chunk, mask)
     zero = jnp.zeros(h.shape[:2], jnp.float32)
     g_lp = zero if g_lp is None else g_lp
     g_ent = zero if g_ent is None or not entropy else g_ent
+    if mask is not None:  # the outputs are constant (0) where the mask is 0: no gradient there
+        g_lp, g_ent = (jnp.where(mask > 0, x, 0.0) for x in (g_lp, g_ent))
+    hs, ys, gls, ges = (ch.take(a) for a in (h, y, g_lp, g_ent))
 
-    def body(acc, xs):
-        hc, yc, lc, ec, gl, ge = xs
-        z = _z(hc, w, bias, inv_temp)
+    def body(i, carry):
+        acc, dhs = carry
+        hc, yc, lc, ec = ch.chunk(hs, i), ch.chunk(ys, i), ch.chunk(lse, i), ch.chunk(ent, i)
+        gl, ge = ch.chunk(gls, i), ch.chunk(ges, i)
+        z = _z(hc, w, bias, inv_temp, zdt)
         p = jnp.exp(z - lc[..., None])
         dz = gl[..., None] * (_onehot(z, yc) - p)
         if entropy:
             dz = dz - ge[..., None] * p * (z - lc[..., None] + ec[..., None])
         dh, dw, db = _grads(dz * inv_temp, hc, w, bias, need_h, need_w)
-        acc = tuple(a if d is None else a + d for a, d in zip(acc, (dw, db), strict=True))
-        return acc, dh
+        return _add(acc, (dw, db)), (ch.put(dhs, dh, i) if need_h else dhs)
 
     acc0 = (
         jnp.zeros(w.shape, jnp.float32) if need_w else None,
         jnp.zeros(bias.shape, jnp.float32) if need_w and bias is not None else None,
     )
-    xs = tuple(_split(a, k, c) for a in (h, y, lse, ent, g_lp, g_ent))
-    (dw, db), dh = jax.lax.scan(body, acc0, xs)
-    dh = _join(dh, h.shape[1]) if need_h else None
+    dhs0 = jnp.zeros(hs.shape, h.dtype) if need_h else None
+    (dw, db), dhs = ch.loop(body, (acc0, dhs0))
     return (
-        dh,
+        ch.back(dhs) if need_h else None,
         None if dw is None else dw.astype(w.dtype),
         None if db is None else db.astype(bias.dtype),
+        None,
         None,
     )
 
@@ -157,80 +245,90 @@ def chunked_token_logprobs(
     targets: jax.Array,
     *,
     bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_TOKENS,
     return_entropy: bool = False,
+    logits_dtype: Any = jnp.float32,
 ):
     """``log softmax((hidden @ kernel + bias) / temperature)[targets]`` ``[B, T]`` f32, chunk by chunk.
 
     Equals ``token_logprobs(h @ W + b, targets, temperature=...)`` (and ``token_entropy`` of the same logits
     with ``return_entropy=True``: returns ``(logp, entropy)``); differentiable in ``hidden``, ``kernel`` and
-    ``bias``. Peak extra memory: one chunk's ``[B, C, V]`` f32 logits instead of ``[B, T, V]``.
+    ``bias``. ``mask [B, T]``: only the positions where it is nonzero are computed; the others are 0 (with no
+    gradient). ``logits_dtype``: what the logits matmul writes (reductions are f32 either way). Peak extra
+    memory: one chunk's ``[B, C, V]`` logits instead of ``[B, T, V]``.
     """
     _check(hidden, kernel, targets, "chunked_token_logprobs")
-    logp, ent, _ = _logprobs(
-        hidden, kernel, bias, targets, 1.0 / float(temperature), chunk_size, return_entropy
-    )
+    if mask is not None and mask.shape != targets.shape:
+        raise ValueError(f"chunked_token_logprobs: mask {mask.shape} != targets {targets.shape}")
+    if mask is not None:
+        mask = jax.lax.stop_gradient(mask)
+    logp, ent = _logprobs(
+        hidden, kernel, bias, targets, mask, 1.0 / float(temperature), int(chunk_size), bool(return_entropy),
+        jnp.dtype(logits_dtype),
+    )  # fmt: skip
     return (logp, ent) if return_entropy else logp
 
 
 # ---------------------------------------------------------------------------------------------- SFT loss
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _sft_sums(h, w, bias, y, m, smoothing, z_coef, chunk):
-    return _sft_pass(h, w, bias, y, m, smoothing, z_coef, chunk, False, False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _sft_sums(h, w, bias, y, m, smoothing, z_coef, chunk, zdt):
+    return _sft_pass(h, w, bias, y, m, smoothing, z_coef, chunk, zdt, False, False)[0]
 
 
-def _sft_pass(h, w, bias, y, m, smoothing, z_coef, chunk, need_h, need_w):
+def _sft_pass(h, w, bias, y, m, smoothing, z_coef, chunk, zdt, need_h, need_w):
     """Sums ``(loss, nll, lse^2, correct)`` over masked tokens, and their loss gradients when asked."""
-    k, c = _layout(h.shape, chunk)
+    ch = _Chunks(h.shape, chunk, m)
+    hs, ys, ms = ch.take(h), ch.take(y), ch.take(m)
     vocab = w.shape[1]
 
-    def body(acc, xs):
-        hc, yc, mc = xs
-        z = _z(hc, w, bias, 1.0)
-        lse = jax.nn.logsumexp(z, axis=-1)
-        hot = _onehot(z, yc)
-        nll = lse - jnp.sum(jnp.where(hot, z, 0.0), axis=-1)
+    def body(i, carry):
+        sums, grads, dhs = carry
+        hc, yc, on = ch.chunk(hs, i), ch.chunk(ys, i), ch.chunk(ms, i) > 0
+        z = _z(hc, w, bias, 1.0, zdt)
+        zmax, best = _max_argmax(z)
+        lse = _lse(z, zmax)
+        nll = lse - _picked(z, yc)
         per = nll
         if smoothing:
             per = (1.0 - smoothing) * nll + smoothing * (lse - jnp.mean(z, axis=-1))
         if z_coef:
             per = per + z_coef * jnp.square(lse)
-        on = mc > 0
-        correct = jnp.argmax(z, axis=-1) == yc
-        sums = tuple(
-            jnp.sum(jnp.where(on, x, 0.0)) for x in (per, nll, jnp.square(lse), correct.astype(jnp.float32))
-        )
-        dh = None
-        grads = acc[1]
+        correct = (best == yc).astype(jnp.float32)
+        new = tuple(jnp.sum(jnp.where(on, x, 0.0)) for x in (per, nll, jnp.square(lse), correct))
         if need_h or need_w:
             p = jnp.exp(z - lse[..., None])
-            dz = p * (1.0 + 2.0 * z_coef * lse)[..., None] - (1.0 - smoothing) * hot - smoothing / vocab
-            dz = jnp.where(on[..., None], dz, 0.0)
+            dz = p * (1.0 + 2.0 * z_coef * lse)[..., None] - (1.0 - smoothing) * _onehot(z, yc)
+            dz = jnp.where(on[..., None], dz - smoothing / vocab, 0.0)
             dh, dw, db = _grads(dz, hc, w, bias, need_h, need_w)
-            grads = tuple(a if d is None else a + d for a, d in zip(grads, (dw, db), strict=True))
-        return (tuple(a + s for a, s in zip(acc[0], sums, strict=True)), grads), dh
+            grads = _add(grads, (dw, db))
+            dhs = ch.put(dhs, dh, i) if need_h else dhs
+        return tuple(a + s for a, s in zip(sums, new, strict=True)), grads, dhs
 
     zero = jnp.zeros((), jnp.float32)
     g0 = (
         jnp.zeros(w.shape, jnp.float32) if need_w else None,
         jnp.zeros(bias.shape, jnp.float32) if need_w and bias is not None else None,
     )
-    (sums, (dw, db)), dh = jax.lax.scan(body, ((zero,) * 4, g0), tuple(_split(a, k, c) for a in (h, y, m)))
-    return sums, (_join(dh, h.shape[1]) if need_h else None, dw, db)
+    dhs0 = jnp.zeros(hs.shape, h.dtype) if need_h else None
+    sums, (dw, db), dhs = ch.loop(body, ((zero,) * 4, g0, dhs0))
+    return sums, (ch.back(dhs) if need_h else None, dw, db)
 
 
-def _sft_fwd(h, w, bias, y, m, smoothing, z_coef, chunk):
+def _sft_fwd(h, w, bias, y, m, smoothing, z_coef, chunk, zdt):
     need_h, need_w = h.perturbed, w.perturbed or (bias is not None and bias.perturbed)
     b = bias.value if bias is not None else None
-    sums, grads = _sft_pass(h.value, w.value, b, y.value, m.value, smoothing, z_coef, chunk, need_h, need_w)
+    sums, grads = _sft_pass(
+        h.value, w.value, b, y.value, m.value, smoothing, z_coef, chunk, zdt, need_h, need_w
+    )
     dtypes = (jnp.zeros((0,), w.value.dtype), None if b is None else jnp.zeros((0,), b.dtype))  # markers
     return sums, (grads, dtypes)
 
 
-def _sft_bwd(smoothing, z_coef, chunk, saved, g):
+def _sft_bwd(smoothing, z_coef, chunk, zdt, saved, g):
     (dh, dw, db), (w_like, b_like) = saved
     g = g[0]  # only the loss sum is differentiable (the metric sums are stop_gradient'ed by the caller)
     g = jnp.zeros((), jnp.float32) if isinstance(g, SymbolicZero) else g
@@ -256,20 +354,24 @@ def chunked_sft_loss(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     chunk_size: int = DEFAULT_CHUNK_TOKENS,
+    logits_dtype: Any = jnp.float32,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``losses.sft_loss(hidden @ kernel + bias, targets, loss_mask, ...)`` without the ``[B, T, V]`` logits.
 
     Same ``(loss, metrics)`` (``loss_sum``, ``token_count``, ``nll``, ``accuracy``, ``z_loss``); the loss is
     differentiable in ``hidden``, ``kernel`` and ``bias`` (metrics and the mask are not). Gradients are
-    computed in the forward pass, one chunk at a time, and scaled by the loss cotangent in the backward.
+    computed in the forward pass, one chunk at a time, and scaled by the loss cotangent in the backward. Only
+    the positions where ``loss_mask`` is nonzero go through the LM head. ``logits_dtype``: what the logits
+    matmul writes (the reductions are f32 either way).
     """
     _check(hidden, kernel, targets, "chunked_sft_loss")
     if loss_mask.shape != targets.shape:
         raise ValueError(f"chunked_sft_loss: loss_mask {loss_mask.shape} != targets {targets.shape}")
     mask = jax.lax.stop_gradient(loss_mask.astype(jnp.float32))
     loss_sum, nll, zsq, correct = _sft_sums(
-        hidden, kernel, bias, targets, mask, float(label_smoothing), float(z_loss), chunk_size
-    )
+        hidden, kernel, bias, targets, mask, float(label_smoothing), float(z_loss), int(chunk_size),
+        jnp.dtype(logits_dtype),
+    )  # fmt: skip
     nll, zsq, correct = jax.lax.stop_gradient((nll, zsq, correct))
     count = jnp.sum(mask)
     denom = jnp.maximum(count, 1.0)

@@ -72,7 +72,13 @@ def ptx_nll_sum(
             spec, params, batch["input_ids"], batch["attention_mask"], positions=batch.get("positions"),
             segment_ids=batch.get("segment_ids"), **kw,
         )  # fmt: skip
-        logits, targets, mask = out.logits[:, :-1], batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:]
+        # the head + cross-entropy in chunks over the loss positions only (no [B, T, V] f32 logits)
+        ids, lmask = batch["input_ids"], batch["loss_mask"]
+        h, kernel = models.lm_head_operands(spec, params, out.hidden, compute_dtype=compute_dtype)
+        targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+        mask = jnp.concatenate([lmask[:, 1:], jnp.zeros_like(lmask[:, :1])], axis=1)
+        _, m = losses.chunked_sft_loss(h, kernel, targets, mask, logits_dtype=compute_dtype or jnp.float32)
+        return m["loss_sum"], m["token_count"]
     _, m = losses.sft_loss(logits, targets, mask)
     return m["loss_sum"], m["token_count"]
 

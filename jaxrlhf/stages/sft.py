@@ -141,9 +141,12 @@ def make_loss_fn(
             h, kernel = models.lm_head_operands(spec, base, out.hidden, compute_dtype=compute_dtype)
             targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
             mask = jnp.concatenate([lmask[:, 1:], jnp.zeros_like(lmask[:, :1])], axis=1)
+            # only the loss positions go through the head; its logits come out in the compute dtype (as
+            # an autocast LM head's), the softmax reductions run in f32
             loss, lm = losses.chunked_sft_loss(
-                h, kernel, targets, mask, label_smoothing=t.label_smoothing, z_loss=t.z_loss
-            )
+                h, kernel, targets, mask, label_smoothing=t.label_smoothing, z_loss=t.z_loss,
+                logits_dtype=compute_dtype or jnp.float32,
+            )  # fmt: skip
             return loss, {"accuracy": lm["accuracy"], "nll": lm["nll"], "weight": lm["token_count"]}
         loss, lm = losses.sft_loss(logits, targets, mask, label_smoothing=t.label_smoothing, z_loss=t.z_loss)
         return loss, {"accuracy": lm["accuracy"], "nll": lm["nll"], "weight": lm["token_count"]}

@@ -91,11 +91,12 @@ def test_token_logprobs_entropy_and_grads_equal_plain_f32(temperature, chunk):
     _close(lp_only(h), lp_ref(h), 1e-5)
 
 
-@given(seed=st.integers(0, 10_000), chunk=st.integers(1, 20))
-def test_property_logprobs_match_for_any_chunking(seed, chunk):
-    h, w, _, y, _ = _inputs(seed)
-    ours = losses.chunked_token_logprobs(h, w, y, chunk_size=chunk)
-    _close(ours, losses.token_logprobs(_plain_logits(h, w, None), y), 1e-5)
+@given(seed=st.integers(0, 10_000), chunk=st.integers(1, 20), masked=st.booleans())
+def test_property_logprobs_match_for_any_chunking(seed, chunk, masked):
+    h, w, _, y, m = _inputs(seed)
+    ours = losses.chunked_token_logprobs(h, w, y, chunk_size=chunk, mask=m if masked else None)
+    ref = losses.token_logprobs(_plain_logits(h, w, None), y)
+    _close(ours, jnp.where(m > 0, ref, 0.0) if masked else ref, 1e-5)
 
 
 def test_bf16_inputs_within_bf16_tolerance():
@@ -169,3 +170,96 @@ def test_bad_shapes_raise():
         losses.chunked_token_logprobs(h, w, y[:, :3])
     with pytest.raises(ValueError, match="loss_mask"):
         losses.chunked_sft_loss(h, w, y, m[:1])
+
+
+def _rows_mask():
+    """Rows whose masked positions sit at the end, the start and nowhere: the compaction has to move them."""
+    m = np.zeros((3, T), np.float32)
+    m[0, T - 3 :] = 1.0
+    m[1, [0, 2, 5]] = 1.0
+    return jnp.asarray(m)
+
+
+@pytest.mark.parametrize("chunk", [3, 6, 64])
+def test_token_logprobs_mask_equals_masked_plain_f32(chunk):
+    r = np.random.default_rng(8)
+    h = jnp.asarray(r.standard_normal((3, T, E)), jnp.float32)
+    w = jnp.asarray(r.standard_normal((E, V)) * 0.7, jnp.float32)
+    b = jnp.asarray(r.standard_normal((V,)) * 0.3, jnp.float32)
+    y = jnp.asarray(r.integers(0, V, (3, T)), jnp.int32)
+    m = _rows_mask()
+    a1, a2 = (jnp.asarray(r.standard_normal((3, T)), jnp.float32) for _ in range(2))
+
+    def ours(h, w, b):
+        lp, ent = losses.chunked_token_logprobs(
+            h, w, y, bias=b, mask=m, chunk_size=chunk, temperature=0.8, return_entropy=True
+        )
+        return jnp.sum(a1 * lp + a2 * ent), (lp, ent)
+
+    def ref(h, w, b):
+        z = _plain_logits(h, w, b)
+        lp = jnp.where(m > 0, losses.token_logprobs(z, y, temperature=0.8), 0.0)
+        ent = jnp.where(m > 0, losses.token_entropy(z, temperature=0.8), 0.0)
+        return jnp.sum(a1 * lp + a2 * ent), (lp, ent)
+
+    (v1, o1), g1 = jax.value_and_grad(ours, (0, 1, 2), has_aux=True)(h, w, b)
+    (v2, o2), g2 = jax.value_and_grad(ref, (0, 1, 2), has_aux=True)(h, w, b)
+    _close((v1, o1), (v2, o2), 1e-5)
+    _close(g1, g2, 1e-5)
+    assert not np.asarray(o1[0])[np.asarray(m) == 0].any()  # unmasked positions: exactly 0
+
+
+@pytest.mark.parametrize("which", ["sft", "logprobs"])
+def test_positions_past_the_last_needed_chunk_are_never_read(which):
+    """With 2 positions per chunk and at most 3 masked positions in a row, only the first 2 chunks of the
+    row-compacted layout run: NaN hidden states at positions that land past them leave every value and
+    gradient finite (a dense pass would put 0 * NaN into dW)."""
+    r = np.random.default_rng(9)
+    t = 8
+    m = np.zeros((2, t), np.float32)
+    m[0, 5:] = 1.0  # compacted order 5, 6, 7, 0 | 1, 2, 3, 4
+    m[1, 0] = 1.0  # 0, 1, 2, 3 | 4, 5, 6, 7
+    skipped = np.zeros((2, t), bool)
+    skipped[0, 1:5] = skipped[1, 4:] = True
+    h = r.standard_normal((2, t, E)).astype(np.float32)
+    clean = jnp.asarray(h)
+    h[skipped] = np.nan
+    h, m = jnp.asarray(h), jnp.asarray(m)
+    w = jnp.asarray(r.standard_normal((E, V)), jnp.float32)
+    y = jnp.asarray(r.integers(0, V, (2, t)), jnp.int32)
+
+    if which == "sft":
+
+        def f(h, w):
+            return losses.chunked_sft_loss(h, w, y, m, chunk_size=4)[0]
+    else:
+
+        def f(h, w):
+            return jnp.sum(losses.chunked_token_logprobs(h, w, y, mask=m, chunk_size=4))
+
+    v, (dh, dw) = jax.value_and_grad(f, (0, 1))(h, w)
+    v0, (dh0, dw0) = jax.value_and_grad(f, (0, 1))(clean, w)
+    assert np.isfinite(np.asarray(dw)).all() and np.isfinite(np.asarray(dh)).all()
+    _close((v, dh, dw), (v0, dh0, dw0), 1e-6)
+    assert not np.asarray(dh)[skipped].any()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_logits_equal_plain_loss_on_bf16_rounded_logits(bias):
+    """``logits_dtype=bf16`` (what the stages pass under bf16 compute, as an autocast LM head): the loss and
+    log-probs of the logits rounded to bf16, reductions in f32."""
+    h, w, b, y, m = _inputs(10, dtype=jnp.bfloat16, bias=bias)
+
+    def rounded(h, w, b):
+        z = einsum_f32_out("bte,ev->btv", h, w).astype(jnp.bfloat16).astype(jnp.float32)
+        return z if b is None else z + b.astype(jnp.float32)
+
+    l1, m1 = losses.chunked_sft_loss(h, w, y, m, bias=b, chunk_size=4, logits_dtype=jnp.bfloat16)
+    l2, m2 = losses.sft_loss(rounded(h, w, b), y, m)
+    _close((l1, m1), (l2, m2), 1e-5)
+    lp1 = losses.chunked_token_logprobs(h, w, y, bias=b, mask=m, chunk_size=4, logits_dtype=jnp.bfloat16)
+    lp2 = jnp.where(m > 0, losses.token_logprobs(rounded(h, w, b), y), 0.0)
+    _close(lp1, lp2, 1e-5)
+    g = jax.grad(lambda h: losses.chunked_sft_loss(h, w, y, m, bias=b, logits_dtype=jnp.bfloat16)[0])(h)
+    g_ref = jax.grad(lambda h: losses.sft_loss(_plain_logits(h, w, b), y, m)[0])(h)
+    _close(g, g_ref, 3e-2)  # the gradient of the bf16-rounded head is the head's gradient at bf16 precision

@@ -12,6 +12,7 @@ import pytest
 
 from jaxrlhf import generation, models, reward_model
 from jaxrlhf.generation import SamplingConfig
+from jaxrlhf.losses import _chunked as chunked
 from jaxrlhf.models import heads
 from jaxrlhf.rl import prompts as prompts_lib
 from jaxrlhf.rl import rewards as rewards_lib
@@ -73,7 +74,8 @@ def test_completion_logprobs_equal_generation_and_plain_forward(name):
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_completion_logprobs_never_build_full_f32_logits(name):
     """Decoder-only log-probs + entropy (and their gradient) go through the chunked head: the compiled
-    pass holds no f32 [R, N, V] array (16 rows x 300 completion tokens: two chunks of 150 positions)."""
+    pass holds no f32 [R, N, V] array (16 rows x 300 completion tokens: 2048-token chunks are three chunks of
+    100 positions)."""
     spec, p = _tiny.SPECS[name], _tiny.params(name)
     rows, n = 16, 300
     r = np.random.default_rng(0)
@@ -87,7 +89,8 @@ def test_completion_logprobs_never_build_full_f32_logits(name):
 
     hlo = jax.jit(jax.value_and_grad(loss)).lower(p).compile().as_text()
     assert f"f32[{rows},{n},{spec.vocab_size}]" not in hlo
-    assert f"f32[{rows},{n // 2},{spec.vocab_size}]" in hlo  # a chunk's logits: the check can fail
+    assert chunked.DEFAULT_CHUNK_TOKENS == 2048
+    assert f"f32[{rows},{n // 3},{spec.vocab_size}]" in hlo  # a chunk's logits: the check can fail
 
 
 def _scorer_rewards(base, name="llama", lora=None, stats=(0.0, 1.0), **kw) -> rewards_lib.Rewards:
