@@ -5,7 +5,7 @@ pairs with NamedTuple state, like optax transformations.
 """
 
 from ._aggregate import LOSS_AGGREGATIONS, aggregate_loss
-from ._chunked import chunked_sft_loss, chunked_token_logprobs
+from ._chunked import chunked_sft_loss, chunked_token_logprobs, next_token_targets
 from ._dpo import DPO_LOSS_TYPES, dpo_loss
 from ._entropy import token_entropy
 from ._gae import gae
@@ -61,6 +61,7 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "next_token_targets",
     "normalize_rewards",
     "ppo_policy_loss",
     "ppo_policy_terms",

@@ -146,6 +146,16 @@ def _add(acc, new):
     return tuple(a if d is None else a + d for a, d in zip(acc, new, strict=True))
 
 
+def next_token_targets(ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(targets, mask)`` ``[B, T]`` for a decoder's hidden states ``[B, T, E]``: position t predicts token
+    t + 1 (``ids`` and ``loss_mask`` shifted left), the last position predicts nothing (target 0, mask 0)."""
+
+    def shift(x):
+        return jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)
+
+    return shift(ids), shift(loss_mask)
+
+
 def _check(hidden, kernel, targets, name):
     if hidden.ndim != 3 or kernel.ndim != 2 or hidden.shape[-1] != kernel.shape[0]:
         raise ValueError(f"{name}: hidden [B, T, E] {hidden.shape} and kernel [E, V] {kernel.shape} disagree")
@@ -249,15 +259,15 @@ def chunked_token_logprobs(
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_TOKENS,
     return_entropy: bool = False,
-    logits_dtype: Any = jnp.float32,
+    logits_dtype: Any = None,
 ):
     """``log softmax((hidden @ kernel + bias) / temperature)[targets]`` ``[B, T]`` f32, chunk by chunk.
 
     Equals ``token_logprobs(h @ W + b, targets, temperature=...)`` (and ``token_entropy`` of the same logits
     with ``return_entropy=True``: returns ``(logp, entropy)``); differentiable in ``hidden``, ``kernel`` and
     ``bias``. ``mask [B, T]``: only the positions where it is nonzero are computed; the others are 0 (with no
-    gradient). ``logits_dtype``: what the logits matmul writes (reductions are f32 either way). Peak extra
-    memory: one chunk's ``[B, C, V]`` logits instead of ``[B, T, V]``.
+    gradient). ``logits_dtype``: what the logits matmul writes (None: f32; reductions are f32 either way).
+    Peak extra memory: one chunk's ``[B, C, V]`` logits instead of ``[B, T, V]``.
     """
     _check(hidden, kernel, targets, "chunked_token_logprobs")
     if mask is not None and mask.shape != targets.shape:
@@ -266,7 +276,7 @@ def chunked_token_logprobs(
         mask = jax.lax.stop_gradient(mask)
     logp, ent = _logprobs(
         hidden, kernel, bias, targets, mask, 1.0 / float(temperature), int(chunk_size), bool(return_entropy),
-        jnp.dtype(logits_dtype),
+        jnp.dtype(logits_dtype or jnp.float32),
     )  # fmt: skip
     return (logp, ent) if return_entropy else logp
 
@@ -354,7 +364,7 @@ def chunked_sft_loss(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     chunk_size: int = DEFAULT_CHUNK_TOKENS,
-    logits_dtype: Any = jnp.float32,
+    logits_dtype: Any = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``losses.sft_loss(hidden @ kernel + bias, targets, loss_mask, ...)`` without the ``[B, T, V]`` logits.
 
@@ -362,7 +372,7 @@ def chunked_sft_loss(
     differentiable in ``hidden``, ``kernel`` and ``bias`` (metrics and the mask are not). Gradients are
     computed in the forward pass, one chunk at a time, and scaled by the loss cotangent in the backward. Only
     the positions where ``loss_mask`` is nonzero go through the LM head. ``logits_dtype``: what the logits
-    matmul writes (the reductions are f32 either way).
+    matmul writes (None: f32; the reductions are f32 either way).
     """
     _check(hidden, kernel, targets, "chunked_sft_loss")
     if loss_mask.shape != targets.shape:
@@ -370,7 +380,7 @@ def chunked_sft_loss(
     mask = jax.lax.stop_gradient(loss_mask.astype(jnp.float32))
     loss_sum, nll, zsq, correct = _sft_sums(
         hidden, kernel, bias, targets, mask, float(label_smoothing), float(z_loss), int(chunk_size),
-        jnp.dtype(logits_dtype),
+        jnp.dtype(logits_dtype or jnp.float32),
     )  # fmt: skip
     nll, zsq, correct = jax.lax.stop_gradient((nll, zsq, correct))
     count = jnp.sum(mask)

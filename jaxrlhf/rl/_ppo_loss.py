@@ -73,11 +73,9 @@ def ptx_nll_sum(
             segment_ids=batch.get("segment_ids"), **kw,
         )  # fmt: skip
         # the head + cross-entropy in chunks over the loss positions only (no [B, T, V] f32 logits)
-        ids, lmask = batch["input_ids"], batch["loss_mask"]
         h, kernel = models.lm_head_operands(spec, params, out.hidden, compute_dtype=compute_dtype)
-        targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
-        mask = jnp.concatenate([lmask[:, 1:], jnp.zeros_like(lmask[:, :1])], axis=1)
-        _, m = losses.chunked_sft_loss(h, kernel, targets, mask, logits_dtype=compute_dtype or jnp.float32)
+        targets, mask = losses.next_token_targets(batch["input_ids"], batch["loss_mask"])
+        _, m = losses.chunked_sft_loss(h, kernel, targets, mask, logits_dtype=compute_dtype)
         return m["loss_sum"], m["token_count"]
     _, m = losses.sft_loss(logits, targets, mask)
     return m["loss_sum"], m["token_count"]

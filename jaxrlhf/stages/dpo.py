@@ -160,10 +160,9 @@ def pair_logps(spec: models.ModelSpec, params: dict, batch: dict, *, prefix_len:
         out = models.forward(spec, params, ids, attn, **forward_kwargs)
         cdt = forward_kwargs.get("compute_dtype")
         h, kernel = models.lm_head_operands(spec, params, out.hidden, compute_dtype=cdt)
-        targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
-        tmask = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+        targets, tmask = losses.next_token_targets(ids, mask)
         # only the completion positions go through the head (logits in the compute dtype, f32 softmax)
-        lp = losses.chunked_token_logprobs(h, kernel, targets, mask=tmask, logits_dtype=cdt or jnp.float32)
+        lp = losses.chunked_token_logprobs(h, kernel, targets, mask=tmask, logits_dtype=cdt)
     tmask = tmask.astype(jnp.float32)
     return jnp.sum(jnp.where(tmask > 0, lp, 0.0), axis=1), jnp.sum(tmask, axis=1)
 

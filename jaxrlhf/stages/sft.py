@@ -23,7 +23,6 @@ import logging
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 from jaxrlhf import data, losses, models
 from jaxrlhf import lora as lora_lib
@@ -139,13 +138,12 @@ def make_loss_fn(
             # dead code under jit): position t predicts token t + 1, the last position has no target
             ids, lmask = batch["input_ids"], batch["loss_mask"]
             h, kernel = models.lm_head_operands(spec, base, out.hidden, compute_dtype=compute_dtype)
-            targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
-            mask = jnp.concatenate([lmask[:, 1:], jnp.zeros_like(lmask[:, :1])], axis=1)
+            targets, mask = losses.next_token_targets(ids, lmask)
             # only the loss positions go through the head; its logits come out in the compute dtype (as
             # an autocast LM head's), the softmax reductions run in f32
             loss, lm = losses.chunked_sft_loss(
                 h, kernel, targets, mask, label_smoothing=t.label_smoothing, z_loss=t.z_loss,
-                logits_dtype=compute_dtype or jnp.float32,
+                logits_dtype=compute_dtype,
             )  # fmt: skip
             return loss, {"accuracy": lm["accuracy"], "nll": lm["nll"], "weight": lm["token_count"]}
         loss, lm = losses.sft_loss(logits, targets, mask, label_smoothing=t.label_smoothing, z_loss=t.z_loss)
