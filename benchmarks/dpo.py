@@ -4,7 +4,9 @@ Built as ``jaxrlhf.stages.dpo.run`` builds it: a preference ``TokenizedDataset``
 ids and masks, loss on the completion), the reference log-probs precomputed by the stage's own
 ``dpo.precompute_reference`` pass (``--reference precompute``, the stage default) or computed in the step
 from a frozen copy of the starting weights (``--reference on_the_fly``; LoRA: the base without adapters),
-``dpo.make_loss_fn`` (chosen and rejected concatenated into one ``[2B, T]`` forward, chunked LM head) under
+``dpo.make_loss_fn`` (each pair one shared-prompt row ``[prompt | chosen | rejected]`` of ``dpo.pair_shape``
+as the stage builds it, or with ``--unshared`` chosen and rejected concatenated into one ``[2B, T]``
+forward; chunked LM head) under
 ``train.make_train_step`` / ``train.jit_train_step`` with the stage's optimizer defaults, and a batch from
 ``data.Loader`` through ``runner.Batches``. One JSON line per run: tokens/s (chosen + rejected tokens per
 step / step time, as the TRL baseline counts them), pairs/s, step time, device ``peak_bytes_in_use``, card.
@@ -75,10 +77,13 @@ def run(args) -> dict:
     params = models.init_params(spec, jax.random.PRNGKey(0), common.dtype_of(cfg.model.dtype), mesh=mesh)
     ds = pair_dataset(args.pairs * 4, args.prompt_len, args.completion_len, spec.vocab_size)
     precompute = cfg.train.reference == "precompute"
+    shape = None if args.unshared else dpo.pair_shape(ds)  # as dpo.run: shared-prompt rows from the data
     t_ref = 0.0
     if precompute:  # the stage's own pass (its time includes compiling it)
         t0 = time.perf_counter()
-        ds = dpo.precompute_reference(spec, params, ds, args.pairs, mesh, compute_dtype=compute_dtype)
+        ds = dpo.precompute_reference(
+            spec, params, ds, args.pairs, mesh, compute_dtype=compute_dtype, shape=shape
+        )
         t_ref = time.perf_counter() - t0
     axes = models.param_axes(spec)
     if lcfg is not None:  # as dpo.run: f32 adapters, the base frozen (and the reference)
@@ -88,7 +93,7 @@ def run(args) -> dict:
         frozen = jax.tree.map(lambda x: x.copy(), params) if not precompute else None
         trainable, t_axes = params, axes
     del params
-    loss_fn = dpo.make_loss_fn(spec, cfg, lcfg, prefix_len=0)
+    loss_fn = dpo.make_loss_fn(spec, cfg, lcfg, prefix_len=0, shape=shape)
     optim = cfg.optim
     opt = train_lib.make_optimizer(optim)
     state, shard = train_lib.init_train_state(
@@ -124,6 +129,7 @@ def run(args) -> dict:
         bench="jaxrlhf-dpo-stage-step",
         shape="tiny" if args.tiny else "llama1b",
         reference=args.reference,
+        pair_rows=list(shape) if shape is not None else None,
         lora=args.lora_rank,
         param_dtype=args.param_dtype,
         pairs=args.pairs,
@@ -153,6 +159,9 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="timed steps after 2 warm-up steps (median)")
     p.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
     p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument(
+        "--unshared", action="store_true", help="chosen + rejected as [2B, T] rows (the prompt twice)"
+    )
     args = p.parse_args()
     args.pairs = args.pairs or (2 if args.tiny else 8)
     args.prompt_len = args.prompt_len or (16 if args.tiny else 512)

@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from jaxrlhf import sharding
 from jaxrlhf.models import decoder as _dec
+from jaxrlhf.models.attention import PairLayout
 from jaxrlhf.models.decoder import Decoder
 from jaxrlhf.models.outputs import ForwardOutput
 from jaxrlhf.models.spec import ConfigError, ModelSpec, load_hf_config
@@ -31,6 +32,7 @@ __all__ = [
     "ConfigError",
     "ForwardOutput",
     "ModelSpec",
+    "PairLayout",
     "abstract_params",
     "count_params",
     "forward",
@@ -182,6 +184,7 @@ def forward(
     remat: str = "none",
     dropout_rng: jax.Array | None = None,
     max_segments: int | None = None,
+    pair_layout: PairLayout | None = None,
 ) -> ForwardOutput:
     """Run the model. ``input_ids [B,T]`` int, ``attention_mask [B,T]`` (1 real, 0 pad; left or right).
 
@@ -197,11 +200,19 @@ def forward(
     ``data.packing`` produce. The fused attention then takes lengths + offsets (cuDNN's packed layout)
     instead of a dense ``[B, 1, T, S]`` mask; logits equal the dense path's, and a row that breaks the
     promise gets NaN logits. None (default): the dense mask, exact for any mask. T5 ignores it.
+
+    ``pair_layout`` (decoder-only, no cache, no segment ids): the rows are shared-prefix pairs
+    ``[prefix | continuation 1 | continuation 2 | pad]`` (:class:`~jaxrlhf.models.attention.PairLayout`,
+    e.g. DPO's prompt with its chosen and rejected responses). It sets the attention mask and the positions
+    (``attention_mask`` is ignored): every token's output equals what the row ``[prefix, its
+    continuation]`` would give on its own, with the prefix computed once.
     """
     if lora:
         from jaxrlhf.lora import check_adapters
 
         check_adapters(params, lora)  # a mis-nested tree would silently run the base model
+    if pair_layout is not None and spec.is_encoder_decoder:
+        raise ValueError("pair_layout applies to decoder-only models")
     if spec.is_encoder_decoder:
         return _t5().forward(
             spec,
@@ -238,7 +249,7 @@ def forward(
         variables["lora"] = lora
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     logits, hidden, new_cache = model.apply(
-        variables, input_ids, attention_mask, positions, segment_ids, cache, rngs=rngs
+        variables, input_ids, attention_mask, positions, segment_ids, cache, pair_layout, rngs=rngs
     )
     return ForwardOutput(logits, hidden, new_cache, None)
 

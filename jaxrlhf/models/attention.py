@@ -19,6 +19,13 @@ of ``attention_mask = 1``); a token attends to the earlier tokens of its own run
 ``max_segments`` (``models.forward``), promising rows of at most that many runs with increasing ids and
 positions that step by one inside a run (what ``data.packing`` and every loader produce); a row that breaks
 the promise gets NaN outputs (the loss and the divergence guard see it), never a silently wrong mask.
+
+Shared-prefix pairs (:class:`PairLayout`, DPO's chosen / rejected): a row ``[prefix | continuation 1 |
+continuation 2 | pad]`` computes the shared prompt once; each continuation attends to the prefix and to its
+own earlier tokens, never to the other continuation. The plain path is that dense mask; the fused path copies
+each continuation's queries / keys / values next to the prefix's ("virtual rows" ``[prefix, continuation]``,
+by per-row gathers whose custom VJPs are gathers too) and runs the same per-row causal kernel as two
+separate rows would.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import logging
 from typing import Any, NamedTuple
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -146,6 +154,159 @@ def segment_layout(segments: jax.Array, max_segments: int) -> SegmentLayout:
     return SegmentLayout(seqlen, offsets, run, ok)
 
 
+@flax.struct.dataclass
+class PairLayout:
+    """Rows holding one prefix and two continuations: ``[prefix | cont. 1 | cont. 2 | pad]`` ([B, L]).
+
+    Per row: ``shared [B]`` = s (prefix tokens), ``split [B]`` = a (end of continuation 1), ``end [B]`` = e
+    (end of continuation 2), ``0 <= s <= a <= e <= L``. Token t of continuation 2 stands for token
+    ``s + t - a`` of its own sequence ``[prefix, cont. 2]``: positions are ``t`` below ``a`` and
+    ``s + t - a`` from ``a`` on. Attention: ``u`` is visible to ``t`` iff ``u <= t``, u is a real token and
+    (``u < s`` or u and t lie in the same part). Every layer thus computes what the two rows
+    ``[prefix, cont. 1]`` and ``[prefix, cont. 2]`` would, with the prefix's projections and MLP done once.
+
+    ``virtual_len`` (static) V >= ``a`` and >= ``s + e - a`` for every row: the length of those two rows on
+    the fused path. A row breaking the contract gets NaN outputs (``ok``).
+    """
+
+    shared: jax.Array
+    split: jax.Array
+    end: jax.Array
+    virtual_len: int = flax.struct.field(pytree_node=False)
+
+    def _cols(self, n):
+        return tuple(x[:, None] for x in (self.shared, self.split, self.end)) + (jnp.arange(n)[None, :],)
+
+    def ok(self, length: int) -> jax.Array:
+        """[B] bool: the row keeps the contract for a packed length ``length``."""
+        s, a, e, v = self.shared, self.split, self.end, self.virtual_len
+        return (0 <= s) & (s <= a) & (a <= e) & (e <= length) & (a <= v) & (s + e - a <= v)
+
+    def part(self, length: int) -> jax.Array:
+        """[B, L] int32: 0 prefix, 1 continuation 1, 2 continuation 2, -1 padding."""
+        s, a, e, t = self._cols(length)
+        return jnp.where(t < s, 0, jnp.where(t < a, 1, jnp.where(t < e, 2, -1))).astype(jnp.int32)
+
+    def positions(self, length: int) -> jax.Array:
+        """[B, L] int32 positions (continuation 2 restarts at ``s``; padding 0)."""
+        s, a, e, t = self._cols(length)
+        return jnp.where(t < a, t, jnp.where(t < e, s + t - a, 0)).astype(jnp.int32)
+
+    def dense_mask(self, length: int, window: int | None = None) -> jax.Array:
+        """The layout as a boolean ``[B, 1, L, L]`` mask (``window``: ``pos_q - pos_k < window``)."""
+        part = self.part(length)
+        idx = jnp.arange(length)
+        pq, pk = part[:, :, None], part[:, None, :]
+        mask = (pk >= 0) & (pq >= 0) & ((pk == 0) | (pk == pq)) & (idx[None, None, :] <= idx[None, :, None])
+        if window is not None:
+            pos = self.positions(length)
+            mask = mask & ((pos[:, :, None] - pos[:, None, :]) < window)
+        return mask[:, None]
+
+    def tables(self, length: int):
+        """Index tables of the fused path for packed length L and V = ``virtual_len`` (per row):
+
+        ``src [B, 2V]``: the packed slot each virtual slot reads (virtual row 1 = ``[prefix, cont. 1]`` in
+        slots ``[0, V)``, row 2 = ``[prefix, cont. 2]`` in ``[V, 2V)``; L = a zero slot); ``back [B, L]``: the
+        virtual slot whose output a packed slot takes (2V = none); ``back2 [B, L]``: the second virtual slot
+        that reads a prefix slot (its copy in row 2); ``main [B, 2V]``: the slot is some packed slot's
+        ``back`` (slots of row 2 that copy the prefix are not); ``lengths [B, 2]``: (a, s + e - a).
+        """
+        v = self.virtual_len
+        s, a, e, tv = self._cols(v)
+        tl = jnp.arange(length)[None, :]
+        n2 = s + e - a
+        src = jnp.concatenate(
+            [jnp.where(tv < a, tv, length), jnp.where(tv < s, tv, jnp.where(tv < n2, a + tv - s, length))],
+            axis=1,
+        )
+        back = jnp.where(tl < a, tl, jnp.where(tl < e, v + s + tl - a, 2 * v))
+        back2 = jnp.where(tl < s, v + tl, 2 * v)
+        main = jnp.concatenate([tv < a, (tv >= s) & (tv < n2)], axis=1)
+        src = jnp.clip(src, 0, length).astype(jnp.int32)
+        back, back2 = (jnp.clip(x, 0, 2 * v).astype(jnp.int32) for x in (back, back2))
+        return src, back, back2, main, jnp.concatenate([a, n2], axis=1).astype(jnp.int32)
+
+
+def _take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """``x [B, N, ...]`` with a zero slot appended at N, read at ``idx [B, M]`` -> ``[B, M, ...]``."""
+    xp = jnp.concatenate([x, jnp.zeros((x.shape[0], 1, *x.shape[2:]), x.dtype)], axis=1)
+    return jnp.take_along_axis(xp, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+@jax.custom_vjp
+def _expand(x, src, back, back2):
+    """Packed ``[B, L, ...]`` -> virtual ``[B, 2V, ...]`` (``y[v] = x[src[v]]``). Its transpose sums, for each
+    packed slot, the (at most two) virtual slots that read it: a gather too, not a scatter-add."""
+    return _take_rows(x, src)
+
+
+def _expand_fwd(x, src, back, back2):
+    return _take_rows(x, src), (src, back, back2)
+
+
+def _expand_bwd(res, g):
+    src, back, back2 = res
+    return _take_rows(g, back) + _take_rows(g, back2), None, None, None
+
+
+_expand.defvjp(_expand_fwd, _expand_bwd)
+
+
+@jax.custom_vjp
+def _collect(y, back, src, main):
+    """Virtual ``[B, 2V, ...]`` -> packed ``[B, L, ...]`` (``x[t] = y[back[t]]``, one slot each); its
+    transpose is ``g[src[v]]`` on the ``main`` slots, 0 elsewhere."""
+    return _take_rows(y, back)
+
+
+def _collect_fwd(y, back, src, main):
+    return _take_rows(y, back), (back, src, main)
+
+
+def _collect_bwd(res, g):
+    back, src, main = res
+    dy = _take_rows(g, src)
+    dy = jnp.where(main.reshape(main.shape + (1,) * (g.ndim - 2)), dy, jnp.zeros((), dy.dtype))
+    return dy, None, None, None
+
+
+_collect.defvjp(_collect_fwd, _collect_bwd)
+
+
+def _paired(q, k, v, layout: PairLayout, bias, *, scale, impl, window):
+    """Attention of packed pair rows (:class:`PairLayout`). Plain path (or an ALiBi bias): the dense mask on
+    the packed row. Fused: the two virtual rows per packed row through :func:`_segmented` (one causal run
+    each), then each packed slot takes its virtual slot's output."""
+    b, length = q.shape[:2]
+    ok = layout.ok(length)
+    if impl != "fused" or bias is not None:
+        mask = layout.dense_mask(length, window)
+        if impl == "fused":
+            out = _fused(q, k, v, mask, bias, scale=scale, is_causal=False)
+        else:
+            out = attend(q, k, v, mask, bias, scale=scale, impl="plain")
+        valid = (layout.part(length) >= 0)[:, :, None, None]
+        out = jnp.where(valid, out, jnp.zeros((), out.dtype))
+    else:
+        vl = layout.virtual_len
+        src, back, back2, main, lengths = layout.tables(length)
+
+        def virt(x):  # [B, L, N, D] -> [2B, V, N, D]: rows (2i, 2i + 1) = the two virtual rows of row i
+            return _expand(x, src, back, back2).reshape(2 * b, vl, *x.shape[2:])
+
+        n = lengths.reshape(2 * b)
+        t = jnp.arange(vl)[None, :]
+        m = 2
+        seqlen = jnp.concatenate([n[:, None], jnp.full((2 * b, m - 1), -1, jnp.int32)], axis=1)
+        offsets = jnp.concatenate([jnp.zeros((2 * b, 1), jnp.int32), jnp.full((2 * b, m), -1, jnp.int32)], 1)
+        run = (t < n[:, None]).astype(jnp.int32)
+        vlayout = SegmentLayout(seqlen, offsets, run, jnp.repeat(ok, 2))
+        out = _segmented(virt(q), virt(k), virt(v), vlayout, scale=scale, impl=impl, window=window)
+        out = _collect(out.reshape(b, 2 * vl, *out.shape[2:]), back, src, main)
+    return jnp.where(ok[:, None, None, None], out, jnp.full((), jnp.nan, out.dtype))
+
+
 def attend(
     q: jax.Array,
     k: jax.Array,
@@ -161,11 +322,14 @@ def attend(
     """Attention of ``q [B,T,H,D]`` over ``k, v [B,S,K,D]`` -> ``[B,T,H,D]``.
 
     ``mask`` broadcasts to ``[B, 1, T, S]`` (True = visible), or is a :class:`SegmentLayout` (self-attention,
-    no bias: causal within each segment); ``bias`` to ``[B, H, T, S]`` (added to the scaled scores,
-    float32). ``is_causal`` lets the fused path use the kernel's own causal mask when ``mask`` is None.
-    Scores and softmax are float32; the value product is in v's dtype.
+    no bias: causal within each segment) or a :class:`PairLayout` (self-attention of shared-prefix
+    pairs); ``bias`` to ``[B, H, T, S]`` (added to the scaled scores, float32). ``is_causal`` lets the
+    fused path use the kernel's own causal mask when ``mask`` is None. Scores and softmax are float32; the
+    value product is in v's dtype.
     """
     impl = resolve_attention_impl(impl, q.dtype)
+    if isinstance(mask, PairLayout):
+        return _paired(q, k, v, mask, bias, scale=scale, impl=impl, window=window)
     if isinstance(mask, SegmentLayout):
         return _segmented(q, k, v, mask, scale=scale, impl=impl, window=window)
     if impl == "fused":

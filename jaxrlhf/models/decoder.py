@@ -23,7 +23,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxrlhf.models.attention import Attention, make_mask, resolve_attention_impl, segment_layout
+from jaxrlhf.models.attention import (
+    Attention,
+    make_mask,
+    resolve_attention_impl,
+    segment_layout,
+)
 from jaxrlhf.models.layers import (
     Dense,
     Embed,
@@ -116,10 +121,17 @@ class Decoder(nn.Module):
     max_segments: int | None = None
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None, cache=None):
+    def __call__(
+        self, input_ids, attention_mask=None, positions=None, segment_ids=None, cache=None, pairs=None
+    ):
         s = self.spec
         b, t = input_ids.shape
         impl = resolve_attention_impl(self.impl, self.compute_dtype or jnp.float32)
+        if pairs is not None:  # shared-prefix pair rows: the layout gives the mask and the positions
+            if cache is not None or segment_ids is not None:
+                raise ValueError("pair_layout does not combine with a KV cache or segment_ids")
+            attention_mask = (pairs.part(t) >= 0).astype(jnp.int32)
+            positions = pairs.positions(t) if positions is None else positions
         mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         if segment_ids is not None:
             mask = mask & (segment_ids != 0)
@@ -160,6 +172,8 @@ class Decoder(nn.Module):
             # segments as lengths + offsets for the fused kernel (no [B, 1, T, S] mask; attention.py)
             runs = mask.astype(jnp.int32) if segment_ids is None else jnp.where(mask, segment_ids, 0)
             attn_mask = segment_layout(runs, self.max_segments)
+        if pairs is not None:
+            attn_mask = pairs  # attention.py: the dense pair mask (plain) or the virtual rows (fused)
 
         embed = Embed(
             s.vocab_size,

@@ -8,8 +8,12 @@ A policy (from an SFT stage checkpoint or a HF directory; full fine-tuning or Lo
     log pi(y|x) = sum_t loss_mask[t] log softmax(logits[t - 1])[ids[t]]        (decoder-only)
     log pi(y|x) = sum_t loss_mask[t] log softmax(decoder logits[t])[labels[t]]  (T5: prompt + EOS -> encoder)
 
-Chosen and rejected rows go through ONE forward pass (concatenated along the batch, ``[2B, T]``). The
-reference (``train.reference``) is the starting policy:
+Chosen and rejected rows go through ONE forward pass. Decoder-only models share the prompt: each pair is
+one row ``[prompt | chosen response | rejected response]`` (:func:`pack_pairs`, ``models.PairLayout``) in
+which the rejected response attends to the prompt and to itself only, so the prompt's projections and MLP
+run once per pair (the log-probs are those of the two separate rows; the row length comes from the data,
+:func:`pair_shape`). T5 concatenates the pairs along the batch (``[2B, T]``; the encoder reads the prompt).
+The reference (``train.reference``) is the starting policy:
 
 - ``precompute`` (default): one jitted pass over the tokenized train / eval pairs before training stores
   ``ref_chosen_logps`` / ``ref_rejected_logps`` as columns of the dataset (cached in
@@ -51,8 +55,11 @@ __all__ = [
     "DPOConfig",
     "DPOResult",
     "DPOTrainConfig",
+    "PairShape",
     "make_loss_fn",
+    "pack_pairs",
     "pair_logps",
+    "pair_shape",
     "precompute_reference",
     "run",
 ]
@@ -132,12 +139,124 @@ def _seq2seq_view(ids, attn, loss_mask, *, eos: int, pad: int, start: int, prefi
     return enc, (t <= p).astype(jnp.int32), dec_in, dec_mask, labels
 
 
-def pair_logps(spec: models.ModelSpec, params: dict, batch: dict, *, prefix_len: int = 0, **forward_kwargs):
-    """``(logps [2B], counts [2B])``: summed completion log-probs and completion token counts of the chosen
-    rows then the rejected rows of a preference batch, from one forward pass over ``[2B, T]``.
+class PairShape(NamedTuple):
+    """Static shapes of the shared-prompt pair rows: ``length`` L (packed row: prompt + chosen response +
+    rejected response) and ``virtual`` V (the longest single row, prompt + one response; the fused
+    attention's rows)."""
 
-    T5 reads the rows as the seq2seq format would (``prefix_len``: tokens the tokenizer puts before every
-    text, ``len(tokenizer.prefix_ids)``, which the encoder does not see)."""
+    length: int
+    virtual: int
+
+
+def _shared_len(c_ids, c_loss, r_ids, r_loss) -> int:
+    """Leading tokens two rows share outside their losses (numpy / lists)."""
+    n = min(len(c_ids), len(r_ids))
+    c, r = np.asarray(c_ids[:n]), np.asarray(r_ids[:n])
+    same = (c == r) & (np.asarray(c_loss[:n]) == 0) & (np.asarray(r_loss[:n]) == 0)
+    return int(np.argmin(same)) if not same.all() else n
+
+
+def pair_shape(ds, round_to: int = 16) -> PairShape:
+    """The :class:`PairShape` that holds every pair of the preference dataset ``ds`` and its eval split:
+    ``L = max(len_c + len_r - shared)``, ``V = max(len_c, len_r)``, rounded up to ``round_to`` (bounded by
+    ``2 T`` and ``T``, T = ``ds.max_length``). Deterministic in the data, so every process of a multi-host
+    run (and a resume) compiles the same shape; a streaming dataset (no length) gets the bounds."""
+    t = ds.max_length
+    parts = [p for p in (ds, ds.eval) if p is not None]
+    try:
+        sizes = [len(p.data) for p in parts]
+    except TypeError:  # streaming: not known before reading
+        return PairShape(2 * t, t)
+    longest, widest = 1, 1
+    cols = ("chosen_input_ids", "chosen_loss_mask", "rejected_input_ids", "rejected_loss_mask")
+    for part, n in zip(parts, sizes, strict=True):
+        for start in range(0, n, 1024):
+            rows = part.data[start : start + 1024]
+            for ci, cl, ri, rl in zip(*(rows[c] for c in cols), strict=True):
+                shared = _shared_len(ci, cl, ri, rl)
+                longest = max(longest, len(ci) + len(ri) - shared)
+                widest = max(widest, len(ci), len(ri))
+
+    def up(x, cap):
+        return min(-(-x // round_to) * round_to, cap)
+
+    return PairShape(up(longest, 2 * t), up(widest, t))
+
+
+def pack_pairs(batch: dict, shape: PairShape, pad_token_id: int = 0):
+    """A preference batch (``chosen_`` / ``rejected_`` ids, attention and loss masks, ``[B, T]``) as
+    shared-prompt rows ``[B, L]``: ``(ids, loss_mask, layout)``.
+
+    Per pair: s = the leading tokens both rows share outside their losses (the prompt), a = len(chosen),
+    e = a + len(rejected) - s; the row is ``chosen ++ rejected[s:]`` (``models.PairLayout(s, a, e)``)."""
+    c_ids, c_att, c_loss = (batch[f"chosen_{k}"] for k in ("input_ids", "attention_mask", "loss_mask"))
+    r_ids, r_att, r_loss = (batch[f"rejected_{k}"] for k in ("input_ids", "attention_mask", "loss_mask"))
+    t_in = c_ids.shape[1]
+    same = (c_ids == r_ids) & (c_loss == 0) & (r_loss == 0) & (c_att > 0) & (r_att > 0)
+    s = jnp.sum(jnp.cumprod(same.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
+    a = jnp.sum(c_att, axis=1).astype(jnp.int32)
+    e = a + jnp.sum(r_att, axis=1).astype(jnp.int32) - s
+    t = jnp.arange(shape.length)[None, :]
+    src_c = jnp.clip(t, 0, t_in - 1)
+    src_r = jnp.clip(s[:, None] + t - a[:, None], 0, t_in - 1)
+
+    def pick(c, r, fill):
+        c = jnp.take_along_axis(c, jnp.broadcast_to(src_c, (c.shape[0], shape.length)), axis=1)
+        r = jnp.take_along_axis(r, src_r, axis=1)
+        return jnp.where(t < a[:, None], c, jnp.where(t < e[:, None], r, fill))
+
+    ids = pick(c_ids, r_ids, pad_token_id)
+    loss = pick(c_loss, r_loss, 0)
+    return ids, loss, models.PairLayout(s, a, e, virtual_len=shape.virtual)
+
+
+def _packed_pair_logps(spec, params, batch, shape: PairShape, **forward_kwargs):
+    """``pair_logps`` of decoder-only pairs through :func:`pack_pairs` rows (see there)."""
+    pad = spec.pad_token_id if spec.pad_token_id is not None else 0
+    ids, loss, layout = pack_pairs(batch, shape, pad)
+    forward_kwargs.pop("max_segments", None)  # the pair layout gives the fused kernel its rows
+    out = models.forward(spec, params, ids, pair_layout=layout, **forward_kwargs)
+    cdt = forward_kwargs.get("compute_dtype")
+    h, kernel = models.lm_head_operands(spec, params, out.hidden, compute_dtype=cdt)
+    targets, tmask = losses.next_token_targets(ids, loss)
+    t = jnp.arange(ids.shape[1])[None, :]
+    a = layout.split[:, None]
+    tmask = jnp.where(t == a - 1, 0, tmask)  # chosen's last slot does not predict the rejected response
+    lp = losses.chunked_token_logprobs(h, kernel, targets, mask=tmask, logits_dtype=cdt)
+    lp = jnp.where(tmask > 0, lp, 0.0)
+    # rejected's token at s (its first after the shared prompt) is predicted by the prompt's last slot
+    s = layout.shared
+    r_ids, r_loss = batch["rejected_input_ids"], batch["rejected_loss_mask"]
+    at = jnp.clip(s, 0, r_ids.shape[1] - 1)[:, None]
+    first = (s >= 1) & (jnp.take_along_axis(r_loss, at, axis=1)[:, 0] > 0)
+    h_prev = jnp.take_along_axis(h, jnp.maximum(s - 1, 0)[:, None, None], axis=1)  # [B, 1, E]
+    lp_first = losses.chunked_token_logprobs(
+        h_prev, kernel, jnp.take_along_axis(r_ids, at, axis=1), mask=first[:, None], logits_dtype=cdt
+    )[:, 0]
+    chosen = jnp.sum(jnp.where(t < a - 1, lp, 0.0), axis=1)
+    rejected = jnp.sum(jnp.where(t >= a, lp, 0.0), axis=1) + jnp.where(first, lp_first, 0.0)
+    counts = [jnp.sum(batch[f"{side}_loss_mask"][:, 1:], axis=1) for side in ("chosen", "rejected")]
+    return jnp.concatenate([chosen, rejected]), jnp.concatenate(counts).astype(jnp.float32)
+
+
+def pair_logps(
+    spec: models.ModelSpec,
+    params: dict,
+    batch: dict,
+    *,
+    prefix_len: int = 0,
+    shape: PairShape | None = None,
+    **forward_kwargs,
+):
+    """``(logps [2B], counts [2B])``: summed completion log-probs and completion token counts of the chosen
+    rows then the rejected rows of a preference batch, from one forward pass.
+
+    Decoder-only with ``shape`` (:func:`pair_shape`): the shared-prompt rows of :func:`pack_pairs` (``[B,
+    L]``); without: chosen and rejected rows concatenated (``[2B, T]``). Both give the same log-probs. T5
+    reads the rows as the seq2seq format would (``prefix_len``: tokens the tokenizer puts before every text,
+    ``len(tokenizer.prefix_ids)``, which the encoder does not see)."""
+    if shape is not None and not spec.is_encoder_decoder:
+        return _packed_pair_logps(spec, params, batch, shape, **forward_kwargs)
     cat = {
         k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0)
         for k in ("input_ids", "attention_mask", "loss_mask")
@@ -181,15 +300,21 @@ def _forward_kwargs(cfg: DPOConfig, lora_config, adapters, rng) -> dict:
 
 
 def make_loss_fn(
-    spec: models.ModelSpec, cfg: DPOConfig, lora_config: lora_lib.LoraConfig | None, *, prefix_len: int = 0
+    spec: models.ModelSpec,
+    cfg: DPOConfig,
+    lora_config: lora_lib.LoraConfig | None,
+    *,
+    prefix_len: int = 0,
+    shape: PairShape | None = None,
 ):
     """``loss_fn(trainable, frozen, batch, rng) -> (loss, metrics)`` for the train step.
 
     LoRA: ``trainable`` = adapters, ``frozen`` = the base (also the on-the-fly reference). Full fine-tuning:
     ``trainable`` = params, ``frozen`` = the reference weights (on the fly) or None (precomputed: the batch
     carries ``ref_chosen_logps`` / ``ref_rejected_logps``). An optional ``pair_mask`` [B] marks padding
-    pairs of an eval batch. Metrics carry ``weight`` = real pairs in the batch. ``prefix_len``: see
-    :func:`pair_logps` (T5 only).
+    pairs of an eval batch. Metrics carry ``weight`` = real pairs in the batch. ``prefix_len`` (T5 only),
+    ``shape`` (decoder-only shared-prompt rows; the stage passes :func:`pair_shape` of its data): see
+    :func:`pair_logps`.
     """
     t = cfg.train
     reference_free = t.loss_type in REFERENCE_FREE
@@ -197,7 +322,7 @@ def make_loss_fn(
     def loss_fn(trainable, frozen, batch, rng):
         base, adapters = (frozen, trainable) if lora_config is not None else (trainable, None)
         kw = _forward_kwargs(cfg, lora_config, adapters, rng)
-        logps, counts = pair_logps(spec, base, batch, prefix_len=prefix_len, **kw)
+        logps, counts = pair_logps(spec, base, batch, prefix_len=prefix_len, shape=shape, **kw)
         b = batch["chosen_input_ids"].shape[0]
         ref_c = ref_r = None
         if not reference_free and REF_COLUMNS[0] in batch:
@@ -206,7 +331,12 @@ def make_loss_fn(
             if frozen is None:
                 raise ValueError("DPO loss: no reference log-probs in the batch and no reference weights")
             ref, _ = pair_logps(
-                spec, frozen, batch, prefix_len=prefix_len, **_forward_kwargs(cfg, None, None, None)
+                spec,
+                frozen,
+                batch,
+                prefix_len=prefix_len,
+                shape=shape,
+                **_forward_kwargs(cfg, None, None, None),
             )
             ref = jax.lax.stop_gradient(ref)
             ref_c, ref_r = ref[:b], ref[b:]
@@ -241,14 +371,14 @@ def _padded_batches(ds, batch_size: int):
 
 
 def reference_logps(
-    spec, params, ds, batch_size: int, mesh, *, prefix_len=0, compute_dtype=None
+    spec, params, ds, batch_size: int, mesh, *, prefix_len=0, compute_dtype=None, shape=None
 ) -> np.ndarray:
     """``[N, 2]`` (chosen, rejected) summed completion log-probs of every pair of ``ds`` under ``params``,
     one jitted pass in order (every process computes all rows)."""
 
     @jax.jit
     def fn(p, batch):
-        logps, _ = pair_logps(spec, p, batch, prefix_len=prefix_len, compute_dtype=compute_dtype)
+        logps, _ = pair_logps(spec, p, batch, prefix_len=prefix_len, shape=shape, compute_dtype=compute_dtype)
         b = batch["chosen_input_ids"].shape[0]
         return jnp.stack([logps[:b], logps[b:]], axis=1)
 
@@ -261,7 +391,17 @@ def reference_logps(
 
 
 def precompute_reference(
-    spec, params, ds, batch_size: int, mesh, *, cache_dir=None, key="", prefix_len=0, compute_dtype=None
+    spec,
+    params,
+    ds,
+    batch_size: int,
+    mesh,
+    *,
+    cache_dir=None,
+    key="",
+    prefix_len=0,
+    compute_dtype=None,
+    shape=None,
 ):
     """``ds`` (and ``ds.eval``) with the columns ``ref_chosen_logps`` / ``ref_rejected_logps`` added, from
     :func:`reference_logps`; with ``cache_dir`` the arrays are kept in ``<cache_dir>/<split>-<hash>.npy``
@@ -280,8 +420,9 @@ def precompute_reference(
             logger.info("reference log-probs of the %s split from %s", split, path)
         else:
             ref = reference_logps(
-                spec, params, part, batch_size, mesh, prefix_len=prefix_len, compute_dtype=compute_dtype
-            )
+                spec, params, part, batch_size, mesh, prefix_len=prefix_len, compute_dtype=compute_dtype,
+                shape=shape,
+            )  # fmt: skip
             if path is not None and jax.process_index() == 0:
                 os.makedirs(cache_dir, exist_ok=True)
                 np.save(path + ".tmp.npy", ref)
@@ -328,12 +469,15 @@ def run(config: DPOConfig) -> DPOResult:
     needs_ref = t.loss_type not in REFERENCE_FREE
     precompute = needs_ref and t.reference == "precompute"
     prefix_len = len(r.tokenizer.prefix_ids)
+    shape = None if spec.is_encoder_decoder else pair_shape(ds)
+    if shape is not None:
+        logger.info("shared-prompt pair rows: length %d, single rows up to %d", *shape)
     if precompute:  # from the starting weights, before any update (also on resume: same weights)
         key = json.dumps([r.base_ref, config.model.dtype, str(compute_dtype)]) if r.base_ref else ""
         ds = precompute_reference(
             spec, r.params, ds, t.reference_batch_size or dcfg.batch_size, r.mesh,
             cache_dir=os.path.join(r.out, "reference"), key=key, prefix_len=prefix_len,
-            compute_dtype=compute_dtype,
+            compute_dtype=compute_dtype, shape=shape,
         )  # fmt: skip
     axes = models.param_axes(spec)
     if lcfg is not None:
@@ -343,7 +487,7 @@ def run(config: DPOConfig) -> DPOResult:
         frozen = jax.tree.map(lambda x: x.copy(), r.params) if needs_ref and not precompute else None
         trainable, t_axes = r.params, axes
     r.params = None  # the train state owns (and donates) the trainable weights now
-    loss_fn = make_loss_fn(spec, config, lcfg, prefix_len=prefix_len)
+    loss_fn = make_loss_fn(spec, config, lcfg, prefix_len=prefix_len, shape=shape)
     eval_fn = None
     if ds.eval is not None:
         eval_fn = make_eval_fn(loss_fn, ds.eval, dcfg.batch_size, t.eval_batches, r.mesh)

@@ -218,3 +218,101 @@ def test_decoder_segment_layout_equals_dense_mask(name):
         spec, params, ids, positions=pos, segment_ids=seg, attention_impl="fused", max_segments=3
     ).logits
     assert np.isnan(np.asarray(got)[1]).all() and np.isfinite(np.asarray(got)[[0, 2]]).all()
+
+
+def _pairs(rng, b, prefix, conts):
+    """Random shared-prefix pairs: (packed ids [B, L], layout, the two rows [B, V] each + their lengths)."""
+    s = np.asarray(prefix)
+    n1, n2 = np.asarray(conts[0]), np.asarray(conts[1])
+    a, e = s + n1, s + n1 + n2
+    length, vl = int(e.max()) + 1, int(max((s + n1).max(), (s + n2).max()))
+    packed = np.zeros((b, length), np.int32)
+    rows = np.zeros((2, b, vl), np.int32)
+    for i in range(b):
+        p, c1, c2 = (rng.integers(3, 100, n) for n in (s[i], n1[i], n2[i]))
+        packed[i, : e[i]] = np.concatenate([p, c1, c2])
+        rows[0, i, : a[i]] = np.concatenate([p, c1])
+        rows[1, i, : s[i] + n2[i]] = np.concatenate([p, c2])
+    lay = attention.PairLayout(jnp.asarray(s), jnp.asarray(a), jnp.asarray(e), virtual_len=vl)
+    return jnp.asarray(packed), lay, rows, (s + n1, s + n2)
+
+
+@pytest.mark.parametrize("name", ["mistral", "bloom", "gpt2"])
+def test_pair_layout_equals_the_two_rows(name):
+    """forward(pair_layout=) on packed [prefix | cont 1 | cont 2] rows: every token's logits equal those of
+    the separate rows [prefix, cont] (plain = dense pair mask; fused on CPU = the virtual rows through the
+    custom-VJP gathers), and (mistral: RoPE + sliding window) so do the gradients of a loss on them; BLOOM:
+    ALiBi, GPT-2: learned positions; rows with an empty prefix / continuation too."""
+    spec = ModelSpec.from_hf_config(tiny_hf_config(name).to_dict())
+    if name == "mistral":
+        spec = spec.replace(sliding_window=3)
+    params = models.init_params(spec, jax.random.key(0))
+    rng = np.random.default_rng(5)
+    packed, lay, rows, lens = _pairs(rng, 4, [3, 1, 0, 4], ([4, 2, 3, 0], [2, 5, 3, 3]))
+    b, length = packed.shape
+    s, a, e = (np.asarray(x) for x in (lay.shared, lay.split, lay.end))
+    part = lay.part(length)
+    # where each token of the two rows sits in the packed row
+    where = [
+        [list(range(a[i])) for i in range(b)],
+        [list(range(s[i])) + list(range(a[i], e[i])) for i in range(b)],
+    ]
+    w = jnp.asarray(np.random.default_rng(6).normal(size=(spec.vocab_size,)), jnp.float32)
+    masks = [
+        jnp.asarray(np.arange(r.shape[1])[None, :] < n[:, None], jnp.int32)
+        for r, n in zip(rows, lens, strict=True)
+    ]
+
+    @jax.jit
+    def separate(p):  # logits of the two rows and a loss on them
+        out = [
+            models.forward(spec, p, jnp.asarray(r), m, attention_impl="plain").logits
+            for r, m in zip(rows, masks, strict=True)
+        ]
+        return out, sum(
+            jnp.sum(jnp.where(m[..., None] > 0, jnp.tanh(lg) * w, 0.0))
+            for lg, m in zip(out, masks, strict=True)
+        )
+
+    def packed_fn(impl):
+        def f(p):
+            lg = models.forward(spec, p, packed, attention_impl=impl, pair_layout=lay).logits
+            # prefix tokens belong to both rows (counted twice), continuation tokens to one
+            weight = jnp.where(part == 0, 2.0, jnp.where(part > 0, 1.0, 0.0))
+            return lg, jnp.sum(jnp.tanh(lg) * w * weight[..., None])
+
+        return jax.jit(f)
+
+    ref_logits, _ = separate(params)
+    with_grad = name == "mistral"
+    if with_grad:
+        ref_grad = jax.jit(jax.grad(lambda p: separate(p)[1]))(params)
+    for impl in ("plain", "fused"):
+        got = np.asarray(packed_fn(impl)(params)[0])
+        for r in range(2):
+            for i in range(b):
+                np.testing.assert_allclose(
+                    got[i, where[r][i]], np.asarray(ref_logits[r])[i, : len(where[r][i])], atol=1e-5
+                )
+        assert np.isfinite(got[np.asarray(part >= 0)]).all()
+        if with_grad:
+            grad = jax.jit(jax.grad(lambda p, impl=impl: packed_fn(impl)(p)[1]))(params)
+            for g, r in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
+                np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=2e-5, rtol=1e-4)
+
+
+def test_pair_layout_rows_breaking_the_contract_are_nan():
+    spec = ModelSpec.from_hf_config(tiny_hf_config("llama3").to_dict())
+    params = models.init_params(spec, jax.random.key(0))
+    packed, lay, _, _ = _pairs(np.random.default_rng(1), 2, [2, 2], ([3, 3], [3, 3]))
+    bad = attention.PairLayout(lay.shared, lay.split, lay.end.at[1].set(99), virtual_len=lay.virtual_len)
+    short = attention.PairLayout(lay.shared, lay.split, lay.end, virtual_len=4)  # 5 > V for both rows
+    for impl in ("plain", "fused"):
+        fn = jax.jit(
+            lambda p, lay, impl=impl: (
+                models.forward(spec, p, packed, attention_impl=impl, pair_layout=lay).logits
+            )
+        )
+        got = np.asarray(fn(params, bad))
+        assert np.isnan(got[1]).all() and np.isfinite(got[0]).all()
+        assert np.isnan(np.asarray(fn(params, short))).all()

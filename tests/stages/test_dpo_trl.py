@@ -108,8 +108,10 @@ def run_jaxrlhf(model_dir, path, loss_type, reference, rpo_alpha=0.0):
         train=dpo.DPOTrainConfig(beta=BETA, loss_type=loss_type, reference=reference, rpo_alpha=rpo_alpha),
     )
     frozen = None
+    shape = dpo.pair_shape(ds)  # as dpo.run: each pair one shared-prompt row [prompt | chosen | rejected]
+    assert shape.length < 2 * shape.virtual  # the prompt is in the row once
     if reference == "precompute":
-        ds = dpo.precompute_reference(spec, params, ds, len(PAIRS), mesh)
+        ds = dpo.precompute_reference(spec, params, ds, len(PAIRS), mesh, shape=shape)
     else:
         frozen = jax.tree.map(np.array, params)  # the frozen reference copy
     batch, _ = next(dpo._padded_batches(ds, len(PAIRS)))
@@ -118,7 +120,7 @@ def run_jaxrlhf(model_dir, path, loss_type, reference, rpo_alpha=0.0):
         train_lib.OptimConfig(name="sgd", lr=LR, schedule="constant", clip_norm=None, weight_decay=0.0)
     )
     state, _ = train_lib.init_train_state(params, opt, 0)
-    step = jax.jit(train_lib.make_train_step(dpo.make_loss_fn(spec, cfg, None), opt))
+    step = jax.jit(train_lib.make_train_step(dpo.make_loss_fn(spec, cfg, None, shape=shape), opt))
     out = []
     with sharding.use_mesh(mesh):
         for _ in range(2):
