@@ -93,6 +93,8 @@ cmd_of() {
       echo "120|$BASE/trl_dpo_llama1b.py --pairs 8 --prompt-len 512 --completion-len 512 --precompute-ref $TINY" ;;
     dpo-precompute) echo "150|benchmarks/dpo.py --reference precompute $TINY" ;;
     dpo-onthefly) echo "150|benchmarks/dpo.py --reference on_the_fly $TINY" ;;
+    dpo-onthefly-unshared) echo "150|benchmarks/dpo.py --reference on_the_fly --unshared $TINY" ;;
+    dpo-pairs-gpu) echo "120|benchmarks/dpo_pairs_gpu.py $TINY" ;;
     grpo) echo "180|benchmarks/grpo.py $TINY" ;;
     grpo-lora) echo "180|benchmarks/grpo.py --mode lora $TINY" ;;
     # issue 16 (the training step and the sampler; GPU only, not in the default list):
@@ -104,6 +106,8 @@ cmd_of() {
     sft-full) echo "150|benchmarks/sft.py --stage-config $CFG/sft_llama1b.yaml --set model.attention_impl=auto" ;;
     sft-lora) echo "150|benchmarks/sft.py --stage-config $CFG/sft_llama1b_lora.yaml --set model.attention_impl=auto" ;;
     sft-lora-savedots) echo "150|benchmarks/sft.py --stage-config $CFG/sft_llama1b_lora.yaml --set model.attention_impl=auto --set model.remat=save_dots" ;;
+    sft-lora-elementwise) echo "150|benchmarks/sft.py --stage-config $CFG/sft_llama1b_lora.yaml --set model.attention_impl=auto --set model.remat=elementwise" ;;
+    sft-full-elementwise) echo "150|benchmarks/sft.py --stage-config $CFG/sft_llama1b.yaml --set model.attention_impl=auto --set model.remat=elementwise" ;;
     sft-full-savedots) echo "150|benchmarks/sft.py --stage-config $CFG/sft_llama1b.yaml --set model.attention_impl=auto --set model.remat=save_dots" ;;
     sft-8k-lora) echo "240|benchmarks/sft.py --stage-config $CFG/sft_llama1b_lora.yaml --set model.attention_impl=auto --set data.max_length=8192 --steps 3" ;;
     sft-8k-full-remat) echo "240|benchmarks/sft.py --stage-config $CFG/sft_llama1b.yaml --set model.attention_impl=auto --set data.max_length=8192 --set model.remat=full --steps 3" ;;
