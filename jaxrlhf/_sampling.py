@@ -105,6 +105,64 @@ def _stop_mask(vocab: int, stop_ids: tuple[int, ...]) -> np.ndarray:
     return m
 
 
+@dataclasses.dataclass(frozen=True)
+class SearchMethod:
+    """How :func:`candidates` finds its thresholds and :func:`sample` draws; every method gives the same
+    distribution (the kept sets are the same thresholds; the draws differ only in how they use the key).
+
+    radix_bits: bits of the key fixed per pass of :func:`_threshold`: ``2**radix_bits - 1`` sums per pass,
+                ``ceil(32 / radix_bits)`` passes.
+    slice_len:  0 = each pass is one reduction per row; else each row is cut in ``ceil(V / slice_len)``
+                slices reduced in parallel, then the slices' partial sums are added (a row of 128256 keys
+                is otherwise one thread block per row: 64 blocks for 64 rows on a 132-SM GPU).
+    draw:       "gumbel": ``jax.random.categorical`` over the [B, V] candidates plus a logsumexp for the
+                log-probability; "cdf": inverse CDF in vocabulary order over chunk masses
+                (:func:`_draw_cdf`: one pass over the row, the log-probability from the same sums).
+    fused_weights: top-p: each pass recomputes its weights from the logits, masked to the keys at or above
+                the prefix found so far (a no-op for the sums: every candidate lies above the prefix), so
+                the [B, V] probabilities are never written and each pass reads the logits alone.
+    rank_below: top-k: a level of at most this many keys per row finds its k-th largest by counting, for
+                every key, the keys at or above it (one [B, n, n] reduction, :func:`_kth_by_rank`) instead of
+                ``32 / radix_bits`` dependent passes; 0 = always the radix search.
+    inner_chunks: top-k: further chunk levels over the ``k * chunk`` keys the first level keeps (each one
+                the same chunk-maximum prefilter, :func:`kth_largest_key`).
+    """
+
+    radix_bits: int = 4
+    slice_len: int = 0
+    draw: str = "gumbel"
+    fused_weights: bool = False
+    rank_below: int = 0
+    inner_chunks: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not 1 <= self.radix_bits <= 8 or self.slice_len < 0 or self.draw not in ("gumbel", "cdf"):
+            raise ValueError(f"bad SearchMethod {self}")
+
+
+METHODS: dict[str, SearchMethod] = {
+    "radix": SearchMethod(),  # the reference: 8 whole-row passes of 15 sums, Gumbel draw
+    "split": SearchMethod(slice_len=4096),
+    "cdf": SearchMethod(draw="cdf"),
+    "split_cdf": SearchMethod(slice_len=4096, draw="cdf"),
+    "split3_cdf": SearchMethod(radix_bits=3, slice_len=4096, draw="cdf"),
+    "split2_cdf": SearchMethod(radix_bits=2, slice_len=4096, draw="cdf"),
+    "fused2_cdf": SearchMethod(radix_bits=2, draw="cdf", fused_weights=True),
+    "fused3_cdf": SearchMethod(radix_bits=3, draw="cdf", fused_weights=True),
+    "fused4_cdf": SearchMethod(radix_bits=4, draw="cdf", fused_weights=True),
+    "rank_cdf": SearchMethod(
+        radix_bits=2, draw="cdf", fused_weights=True, rank_below=1024, inner_chunks=(8,)
+    ),
+}
+DEFAULT_METHOD = "radix"
+
+
+def _method(method: str | SearchMethod | None) -> SearchMethod:
+    if isinstance(method, SearchMethod):
+        return method
+    return METHODS[DEFAULT_METHOD if method is None else method]
+
+
 def sample(
     logits: jax.Array,
     rng: jax.Array,
@@ -112,6 +170,7 @@ def sample(
     *,
     stop_ids: tuple[int, ...] = (),
     allow_stop: jax.Array | bool = True,
+    method: str | SearchMethod | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Draw one token per row.
 
@@ -121,9 +180,11 @@ def sample(
       cfg: the sampling config (static).
       stop_ids: the stop tokens (static), needed only when ``cfg.min_new_tokens > 0``.
       allow_stop: scalar or [B] bool; False excludes the stop tokens (min_new_tokens not reached yet).
+      method: a :data:`METHODS` name or a :class:`SearchMethod` (static); ``None`` = ``DEFAULT_METHOD``.
     Returns:
       tokens [B] int32, logprobs [B] f32 (sampling distribution), raw_logprobs [B] f32 (model, T=1).
     """
+    how = _method(method)
     logits = logits.astype(jnp.float32)
     vocab = logits.shape[-1]
     masked = logits
@@ -136,15 +197,20 @@ def sample(
         tokens = jnp.argmax(masked, axis=-1).astype(jnp.int32)
         logprobs = _log_prob(masked, tokens)
     else:
-        cand, ids = candidates(masked, cfg)
-        idx = jax.random.categorical(rng, cand, axis=-1).astype(jnp.int32)
-        logprobs = _log_prob(cand, idx)
+        cand, ids = candidates(masked, cfg, method=how)
+        if how.draw == "cdf":
+            idx, logprobs = _draw_cdf(cand, rng)
+        else:
+            idx = jax.random.categorical(rng, cand, axis=-1).astype(jnp.int32)
+            logprobs = _log_prob(cand, idx)
         tokens = idx if ids is None else _gather(ids, idx).astype(jnp.int32)
     raw_logprobs = _log_prob(logits, tokens)
     return tokens, logprobs, raw_logprobs
 
 
-def candidates(logits: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array | None]:
+def candidates(
+    logits: jax.Array, cfg: SamplingConfig, *, method: str | SearchMethod | None = None
+) -> tuple[jax.Array, jax.Array | None]:
     """The truncated, temperature-scaled logits to draw from, in vocabulary order.
 
     Returns ``(cand [B, V], None)`` (``None``: candidate columns are vocabulary ids). Excluded tokens hold
@@ -153,23 +219,71 @@ def candidates(logits: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.A
     k-th largest value (ties at ``τ_k`` stay, as transformers' TopKLogitsWarper keeps them); top-p keeps
     ``z_v >= τ_p`` with ``τ_p`` the largest value whose upper mass ``sum_{u: z_u >= τ_p} p_u`` reaches
     ``top_p`` — i.e. token v stays iff the mass of the tokens strictly more likely than v is < ``top_p``.
+    ``method`` (static) picks how the thresholds are searched (:class:`SearchMethod`), not what they are.
     """
+    how = _method(method)
+    search = dict(radix_bits=how.radix_bits, slice_len=how.slice_len)
     scaled = logits / jnp.float32(cfg.temperature)
     vocab = scaled.shape[-1]
     top_k = 0 < cfg.top_k < vocab
     if top_k or cfg.top_p < 1.0:
         keys = _ordered_keys(scaled)
     if top_k:
-        tau = kth_largest_key(keys, cfg.top_k)
+        tau = kth_largest_key(
+            keys, cfg.top_k, **search, rank_below=how.rank_below, inner_chunks=how.inner_chunks
+        )
         scaled = jnp.where(keys >= tau[:, None], scaled, -jnp.inf)
     if cfg.top_p < 1.0:
         # the top-k keys still order the survivors; cut tokens weigh 0 and lie below tau_k <= tau_p
-        tau = _threshold(keys, jax.nn.softmax(scaled, axis=-1), jnp.float32(cfg.top_p))
+        if how.fused_weights:  # softmax(scaled) op for op, recomputed per pass on the live keys
+            top = jnp.max(scaled, axis=-1, keepdims=True)
+            norm = jnp.sum(jnp.exp(scaled - top), axis=-1, keepdims=True)
+            probs = lambda live, x=scaled: jnp.exp(jnp.where(live, x, -jnp.inf) - top) / norm
+        else:
+            probs = jax.nn.softmax(scaled, axis=-1)
+        tau = _threshold(keys, probs, jnp.float32(cfg.top_p), **search)
         scaled = jnp.where(keys >= tau[:, None], scaled, -jnp.inf)
     if cfg.min_p > 0.0:
         threshold = jnp.max(scaled, axis=-1, keepdims=True) + jnp.float32(math.log(cfg.min_p))
         scaled = jnp.where(scaled >= threshold, scaled, -jnp.inf)
     return scaled, None
+
+
+_DRAW_CHUNK = 128  # the cdf draw: chunk masses over this many tokens, then one chunk's tokens
+
+
+def _draw_cdf(cand: jax.Array, rng: jax.Array, chunk: int = _DRAW_CHUNK) -> tuple[jax.Array, jax.Array]:
+    """Draw ``idx ~ softmax(cand)`` per row of ``cand [B, V]`` (-inf = excluded) by inverse CDF; returns
+    (idx [B] int32, log-probability [B]).
+
+    With ``w_v = exp(cand_v - max cand)`` and the row cut in chunks of ``chunk`` (the tail padded with
+    -inf, weight 0): chunk masses ``M_c = sum_{v in c} w_v`` (the one pass over the row), ``W = sum_c M_c``.
+    A uniform ``u1`` picks chunk ``c`` where the running sum of ``M`` first exceeds ``u1 W``, an independent
+    ``u2`` picks token ``j`` inside it where the running sum of its ``w`` first exceeds ``u2 M_c``:
+    ``P(v) = (M_c / W) (w_v / M_c) = w_v / W = softmax(cand)_v``. Two uniforms rather than one: a f32
+    uniform has 2^-24 resolution, too coarse for one token of a flat 128k vocabulary (p ~ 1e-5) but fine
+    for a chunk's share and a token's share of its chunk. Zero-weight chunks / tokens are never picked
+    (the running sum must rise there); if rounding leaves ``u W`` at or past the last sum, the last
+    positive one is taken. Log-probability: ``cand_v - max - log W`` (no second pass)."""
+    rows, vocab = cand.shape
+    top = jnp.max(cand, axis=-1)  # finite: every cut keeps the most likely token
+    n = -(-vocab // chunk)
+    padded = jnp.pad(cand, ((0, 0), (0, n * chunk - vocab)), constant_values=-jnp.inf)
+    padded = padded.reshape(rows, n, chunk)
+    mass = jnp.exp(padded - top[:, None, None]).sum(axis=-1)  # [B, n]
+    u = jax.random.uniform(rng, (2, rows), jnp.float32)
+
+    def first_above(w, u):  # first column whose running sum of w exceeds u * sum(w) and whose w > 0
+        run = jnp.cumsum(w, axis=-1)
+        hit = (run > (u * run[:, -1])[:, None]) & (w > 0)
+        last = w.shape[-1] - 1 - jnp.argmax(w[:, ::-1] > 0, axis=-1)
+        return jnp.where(hit.any(-1), jnp.argmax(hit, axis=-1), last).astype(jnp.int32), run[:, -1]
+
+    c, total = first_above(mass, u[0])
+    inner = jnp.take_along_axis(padded, c[:, None, None], axis=1)[:, 0]  # [B, chunk]
+    j, _ = first_above(jnp.exp(inner - top[:, None]), u[1])
+    idx = c * chunk + j
+    return idx, _gather(cand, idx) - top - jnp.log(total)
 
 
 def _ordered_keys(x: jax.Array) -> jax.Array:
@@ -188,7 +302,16 @@ _RADIX_BITS = 4  # 16 candidate thresholds per pass: 8 passes over the row for a
 _CHUNK = 128  # top-k: the row in chunks of this many keys (kth_largest_key)
 
 
-def kth_largest_key(keys: jax.Array, k: int, chunk: int = _CHUNK) -> jax.Array:
+def kth_largest_key(
+    keys: jax.Array,
+    k: int,
+    chunk: int = _CHUNK,
+    *,
+    radix_bits: int = _RADIX_BITS,
+    slice_len: int = 0,
+    rank_below: int = 0,
+    inner_chunks: tuple[int, ...] = (),
+) -> jax.Array:
     """The k-th largest key per row of ``keys [B, V]`` (uint32, ``_ordered_keys``), exact, without a sort.
 
     Two levels, so the radix search reads ``k * chunk`` keys instead of the whole row 8 times: the row is cut
@@ -198,15 +321,24 @@ def kth_largest_key(keys: jax.Array, k: int, chunk: int = _CHUNK) -> jax.Array:
     search runs over their keys. Exact: every key above ``L`` lies in a kept chunk, so counts of keys >= t
     agree with the whole row's for every t > L; the k kept chunks each hold a key >= L, so the count at
     ``L`` is >= k; and the true k-th largest is >= L (the k largest maxima are k keys >= L). Falls back to
-    the one-level search when the row has fewer than ``2 k`` chunks.
+    the one-level search when the row has fewer than ``2 k`` chunks. ``inner_chunks``: the kept ``k * chunk``
+    keys go through the same two levels again with the next chunk size (exact by the same argument);
+    ``rank_below``: levels of at most that many keys use :func:`_kth_by_rank`.
     """
+    search = dict(radix_bits=radix_bits, slice_len=slice_len)
+
+    def kth(x):  # the k-th largest of x [B, m], one level
+        if rank_below and x.shape[1] <= rank_below:
+            return _kth_by_rank(x, k)
+        return _threshold(x, jnp.ones(x.shape, jnp.float32), jnp.float32(k), **search)
+
     rows, vocab = keys.shape
     n = -(-vocab // chunk)
     if n < 2 * k:
-        return _threshold(keys, jnp.ones(keys.shape, jnp.float32), jnp.float32(k))
+        return kth(keys)
     padded = jnp.pad(keys, ((0, 0), (0, n * chunk - vocab))).reshape(rows, n, chunk)
     cmax = padded.max(axis=-1)  # [B, n]
-    low = _threshold(cmax, jnp.ones(cmax.shape, jnp.float32), jnp.float32(k))  # L per row
+    low = kth(cmax)  # L per row
     above = cmax > low[:, None]
     tied = cmax == low[:, None]
     room = k - above.sum(axis=1, keepdims=True)  # >= 1 tied chunks to take
@@ -218,47 +350,102 @@ def kth_largest_key(keys: jax.Array, k: int, chunk: int = _CHUNK) -> jax.Array:
         .set(jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (rows, n)), mode="drop")
     )
     picked = jnp.take_along_axis(padded, ids[:, :, None], axis=1).reshape(rows, k * chunk)
-    return _threshold(picked, jnp.ones(picked.shape, jnp.float32), jnp.float32(k))
+    if inner_chunks:
+        return kth_largest_key(
+            picked, k, inner_chunks[0], **search, rank_below=rank_below, inner_chunks=inner_chunks[1:]
+        )
+    return kth(picked)
 
 
-def _threshold(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
+def _kth_by_rank(keys: jax.Array, k: int) -> jax.Array:
+    """The k-th largest of ``keys [B, n]`` per row as ``max {x_i : #{j : x_j >= x_i} >= k}``.
+
+    With ``s_1 >= ... >= s_n`` the row sorted, ``s_k`` qualifies (``s_1..s_k`` are ``>= s_k``) and no
+    ``x_i > s_k`` does (only ``s_1..s_{k-1}`` can exceed ``s_k``): exact with any ties. One fused [B, n, n]
+    compare-and-count: n^2 work, but one kernel instead of ``32 / radix_bits`` dependent passes, which is
+    what a level of ~1000 keys per row is limited by."""
+    at_least = jnp.sum(keys[:, None, :] >= keys[:, :, None], axis=-1, dtype=jnp.int32)  # [B, n]
+    return jnp.max(jnp.where(at_least >= k, keys, jnp.uint32(0)), axis=-1)
+
+
+def _threshold(
+    keys: jax.Array,
+    weights: jax.Array | Callable[[jax.Array], jax.Array],
+    target: jax.Array,
+    *,
+    radix_bits: int = _RADIX_BITS,
+    slice_len: int = 0,
+) -> jax.Array:
     """Per row the largest key ``t`` with ``S(t) = sum_v weights_v [keys_v >= t] >= target`` ([B] uint32).
 
     ``S`` is non-increasing in ``t`` (weights >= 0), so the answer is fixed bit by bit from the top: with the
-    bits above ``shift`` decided (``prefix``; ``S(prefix) >= target`` holds), the next ``_RADIX_BITS`` bits
-    are the largest ``j`` with ``S(prefix | j << shift) >= target`` (``j = 0`` always qualifies). Each pass
-    is ONE variadic reduction over the row with 15 sums (candidates j = 1..15; S at j = 0 is never needed),
-    so a row's keys and weights are read once per pass, not once per candidate; 32 / 4 = 8 passes give the
-    exact key. Top-k: weights 1, target k -> the key of the k-th largest value; top-p: weights =
-    probabilities, target p.
+    bits above ``shift`` decided (``prefix``; ``S(prefix) >= target`` holds), the next ``r = radix_bits``
+    bits are the largest ``j`` with ``S(prefix | j << shift) >= target`` (``j = 0`` always qualifies). Each
+    pass is ONE variadic reduction over the row with ``2^r - 1`` sums (candidates ``j >= 1``; S at j = 0 is
+    never needed), so a row's keys and weights are read once per pass, not once per candidate; ``32 / r``
+    passes give the exact key (the last pass takes the bits left). Top-k: weights 1, target k -> the key of
+    the k-th largest value; top-p: weights = probabilities, target p.
+
+    ``slice_len`` > 0 cuts each row into slices of at most that many keys (padded with key 0 and weight 0;
+    no candidate is 0, so padding never counts) and adds the slices' partial sums: the same ``S(t)`` (for
+    unit weights the same integers; for probabilities the same sum in another order), more thread blocks.
+
+    ``weights`` may be a function of the [B, V] mask ``keys >= prefix`` returning weights that are right where
+    the mask holds (elsewhere anything >= 0 that the function makes 0): called once per pass, so each pass
+    fuses its own weights instead of reading a stored [B, V] array; the sums are the same since every
+    candidate lies above the prefix.
     """
-    rows = keys.shape[0]
-    radix = 1 << _RADIX_BITS
-    digits = jnp.arange(radix, dtype=jnp.uint32)
+    rows, length = keys.shape
+    flat_keys = keys
+    sliced = bool(slice_len) and length > slice_len
+    if sliced:
+        parts = -(-length // slice_len)
+        width = -(-length // parts)
+        pad = ((0, 0), (0, parts * width - length))
+        shaped = lambda x: jnp.pad(x, pad).reshape(rows, parts, width)
+    else:
+        shaped = lambda x: x
+    keys = shaped(keys)
+    if not callable(weights):
+        weights = shaped(weights.astype(jnp.float32))
+    lead = (slice(None),) + (None,) * (keys.ndim - 1)  # [B] -> [B, 1] or [B, 1, 1]
     prefix = jnp.zeros((rows,), jnp.uint32)
-    weights = weights.astype(jnp.float32)
     zero = jnp.float32(0)
 
     def add(a, b):
         return tuple(x + y for x, y in zip(a, b, strict=True))
 
-    for shift in range(32 - _RADIX_BITS, -1, -_RADIX_BITS):
-        cand = prefix[:, None] | (digits[None, 1:] << jnp.uint32(shift))  # [B, 15]
-        terms = tuple(jnp.where(keys >= cand[:, j, None], weights, zero) for j in range(radix - 1))
-        sums = jax.lax.reduce(terms, (zero,) * (radix - 1), add, (1,))  # 15 x [B]
-        mass = jnp.stack([jnp.full((rows,), jnp.inf, jnp.float32), *sums], axis=1)  # [B, 16]
+    left = 32
+    while left > 0:
+        width_bits = min(radix_bits, left)
+        shift = left - width_bits
+        radix = 1 << width_bits
+        digits = jnp.arange(radix, dtype=jnp.uint32)
+        cand = prefix[:, None] | (digits[None, 1:] << jnp.uint32(shift))  # [B, radix - 1]
+        if callable(weights):
+            w = shaped(weights(flat_keys >= prefix[:, None]).astype(jnp.float32))
+        else:
+            w = weights
+        terms = tuple(jnp.where(keys >= cand[:, j][lead], w, zero) for j in range(radix - 1))
+        sums = jax.lax.reduce(terms, (zero,) * (radix - 1), add, (keys.ndim - 1,))  # radix-1 x [B(, parts)]
+        if keys.ndim == 3:
+            sums = tuple(s.sum(axis=-1) for s in sums)
+        mass = jnp.stack([jnp.full((rows,), jnp.inf, jnp.float32), *sums], axis=1)  # [B, radix]
         ok = (mass >= target) | (digits[None, :] == 0)
         best = jnp.max(jnp.where(ok, digits[None, :], jnp.uint32(0)), axis=-1)
         prefix = prefix | (best << jnp.uint32(shift))
+        left = shift
     return prefix
 
 
-def sampling_probs(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
+def sampling_probs(
+    logits: jax.Array, cfg: SamplingConfig, *, method: str | SearchMethod | None = None
+) -> jax.Array:
     """The full [B, V] sampling distribution (for tests and diagnostics; sorts/scatters, not for the loop)."""
     logits = logits.astype(jnp.float32)
     if cfg.greedy:
         return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
-    cand, ids = candidates(logits, cfg)
+    cand, ids = candidates(logits, cfg, method=method)
     p = jax.nn.softmax(cand, axis=-1)
     if ids is None:
         return p

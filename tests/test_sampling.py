@@ -1,5 +1,6 @@
 """Exactness of the sampling transforms against distributions written in numpy from their definitions."""
 
+import dataclasses
 import functools
 import math
 
@@ -10,7 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrlhf._sampling import SamplingConfig, _ordered_keys, _threshold, candidates, sample, sampling_probs
+from jaxrlhf._sampling import (
+    METHODS,
+    SamplingConfig,
+    SearchMethod,
+    _ordered_keys,
+    _threshold,
+    candidates,
+    sample,
+    sampling_probs,
+)
 from tests._jaxpr import all_eqns
 
 LOGITS = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, 0.3, 1.2, -2.0], np.float32)
@@ -44,13 +54,15 @@ def chi_square_threshold(df: int, z: float = 4.0) -> float:
 
 
 @functools.cache
-def _sampler(cfg: SamplingConfig, stop_ids=(), allow_stop=True):
-    return jax.jit(lambda z, rng: sample(z, rng, cfg, stop_ids=stop_ids, allow_stop=allow_stop))
+def _sampler(cfg: SamplingConfig, stop_ids=(), allow_stop=True, method=None):
+    return jax.jit(
+        lambda z, rng: sample(z, rng, cfg, stop_ids=stop_ids, allow_stop=allow_stop, method=method)
+    )
 
 
-def _draw(cfg, seed=0, stop_ids=(), allow_stop=True):
-    z = jnp.broadcast_to(jnp.asarray(LOGITS), (DRAWS, LOGITS.size))
-    tokens, logprobs, raw = _sampler(cfg, stop_ids, allow_stop)(z, jax.random.key(seed))
+def _draw(cfg, seed=0, stop_ids=(), allow_stop=True, method=None, logits=LOGITS):
+    z = jnp.broadcast_to(jnp.asarray(logits), (DRAWS, logits.size))
+    tokens, logprobs, raw = _sampler(cfg, stop_ids, allow_stop, method)(z, jax.random.key(seed))
     return np.asarray(tokens), np.asarray(logprobs), np.asarray(raw)
 
 
@@ -226,11 +238,13 @@ def test_threshold_is_the_exact_kth_largest(values, data):
     assert tau == int(np.sort(keys)[::-1][k - 1])
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("kw", [dict(top_k=50), dict(top_k=3), dict(top_p=0.9), dict(top_k=50, top_p=0.9)])
-def test_truncation_sorts_nothing(kw):
+def test_truncation_sorts_nothing(kw, method):
     """No sort / top_k primitive over the vocabulary in the sampler (it ran a full sort per decode step)."""
     cfg = SamplingConfig(max_new_tokens=1, temperature=1.0, **kw)
-    jaxpr = jax.make_jaxpr(lambda z, r: sample(z, r, cfg))(jnp.zeros((4, 1000)), jax.random.key(0))
+    f = lambda z, r: sample(z, r, cfg, method=method)
+    jaxpr = jax.make_jaxpr(f)(jnp.zeros((4, 1000)), jax.random.key(0))
     names = {e.primitive.name for e in all_eqns(jaxpr.jaxpr)}
     assert not names & {"sort", "top_k", "approx_top_k"}, names
 
@@ -264,3 +278,107 @@ def test_two_level_kth_largest_is_exact(seed, vocab, k, chunk, levels, masked):
     got = np.asarray(_kth_jit(k, chunk)(keys))
     want = np.sort(np.asarray(keys), axis=1)[:, ::-1][:, k - 1]
     np.testing.assert_array_equal(got, want)
+
+
+# ------------------------------------------------ the search methods: the reference's thresholds, other draws
+
+METHOD_CFGS = [
+    SamplingConfig(max_new_tokens=1, temperature=0.8, top_k=3),  # the chunk levels: 8 chunks of 128 >= 2k
+    SamplingConfig(max_new_tokens=1, temperature=1.0, top_p=0.9),
+]
+
+
+def _search_variants() -> dict[str, SearchMethod]:
+    """METHODS' distinct searches (the draw does not change the candidates), slices shrunk to cut a
+    1000-token row too; the reference left out."""
+    out = {}
+    for name, m in sorted(METHODS.items()):
+        v = dataclasses.replace(m, draw="gumbel", slice_len=min(m.slice_len, 300))
+        if v != SearchMethod() and v not in out.values():
+            out[name] = v
+    return out
+
+
+@functools.cache
+def _candidates_jit(cfg: SamplingConfig, method):
+    return jax.jit(lambda z: candidates(z, cfg, method=method)[0])
+
+
+@hypothesis.settings(max_examples=8, deadline=None)
+@hypothesis.given(
+    seed=st.integers(0, 2**31 - 1),
+    scale=st.sampled_from([0.05, 0.5, 3.0, 30.0]),  # flat (huge nucleus) .. peaked (a few tokens)
+    levels=st.sampled_from([0, 2, 40]),  # 0: continuous; else that many distinct values (ties)
+    masked=st.booleans(),
+)
+def test_every_method_keeps_the_reference_set(seed, scale, levels, masked):
+    """Every :data:`METHODS` search returns the reference ("radix") candidates for top-k and top-p, on flat
+    and peaked rows, with ties (also across chunks) and -inf runs; one compile per (config, method). Top-k
+    counts are integers, so the thresholds are equal by construction; top-p sums may add in another order,
+    so a row could differ only at a boundary within float rounding (none does on these draws)."""
+    rs = np.random.RandomState(seed)
+    z = rs.randn(6, 1000).astype(np.float32) * scale
+    if levels:
+        z = np.floor(z * levels / (3 * scale)).astype(np.float32)
+    if masked:
+        z[:, rs.rand(1000) < 0.3] = -np.inf
+    for cfg in METHOD_CFGS:
+        want = np.asarray(_candidates_jit(cfg, "radix")(jnp.asarray(z)))
+        for name, method in _search_variants().items():
+            got = np.asarray(_candidates_jit(cfg, method)(jnp.asarray(z)))
+            np.testing.assert_array_equal(got, want, err_msg=f"{name} {cfg}")
+
+
+@pytest.mark.parametrize("method", ["split_cdf"])  # the draw is one code path; the searches are tested above
+def test_cdf_draw_frequencies_match_truncated_softmax(method):
+    """The inverse-CDF draw: frequencies and reported log-probs == the definition, over several chunks (a
+    300-token row: two chunks of 128 and a padded one) with excluded tokens inside each chunk."""
+    logits = np.random.RandomState(3).randn(300).astype(np.float32) * 2
+    logits[::7] = -np.inf  # banned tokens scattered through every chunk
+    for kw in (dict(temperature=1.0), dict(temperature=0.7, top_k=20), dict(temperature=1.0, top_p=0.8)):
+        cfg = SamplingConfig(max_new_tokens=1, **kw)
+        expected = reference_probs(logits, **kw)
+        tokens, logprobs, raw = _draw(cfg, seed=5, method=method, logits=logits)
+        _check_distribution(tokens, expected)
+        np.testing.assert_allclose(np.exp(logprobs), expected[tokens], rtol=1e-5)
+        z64 = logits.astype(np.float64)
+        log_softmax = z64 - np.log(np.exp(z64[np.isfinite(z64)]).sum())
+        np.testing.assert_allclose(raw, log_softmax[tokens], atol=1e-5)
+
+
+def test_cdf_draw_on_the_small_vocabulary_cases():
+    """The cdf draw on CASES (one chunk, padded): the same frequencies as the Gumbel draw's test."""
+    for kw in CASES[2:5]:
+        cfg = SamplingConfig(max_new_tokens=1, **kw)
+        tokens, logprobs, _ = _draw(cfg, seed=9, method="split_cdf")
+        _check_distribution(tokens, reference_probs(LOGITS, **kw))
+        np.testing.assert_allclose(np.exp(logprobs), reference_probs(LOGITS, **kw)[tokens], rtol=1e-5)
+
+
+@functools.cache
+def _kth_rank_jit(k: int, chunk: int, inner: tuple[int, ...]):
+    from jaxrlhf._sampling import kth_largest_key
+
+    return jax.jit(lambda x: kth_largest_key(x, k, chunk, radix_bits=3, rank_below=64, inner_chunks=inner))
+
+
+@hypothesis.settings(max_examples=15, deadline=None)
+@hypothesis.given(
+    seed=st.integers(0, 2**31 - 1),
+    k=st.sampled_from([1, 4]),
+    inner=st.sampled_from([(), (3,)]),
+    levels=st.sampled_from([0, 3, 1000]),
+    masked=st.booleans(),
+)
+def test_rank_count_and_inner_levels_are_exact(seed, k, inner, levels, masked):
+    """kth_largest_key with the counting base case (_kth_by_rank), 3-bit passes and a second chunk level ==
+    the k-th largest key, with ties across chunks and -inf runs."""
+    rs = np.random.RandomState(seed)
+    z = rs.randn(5, 300).astype(np.float32)
+    if levels:
+        z = np.floor(z * levels / 3).astype(np.float32)
+    if masked:
+        z[:, rs.rand(300) < 0.5] = -np.inf
+    keys = _ordered_keys(jnp.asarray(z))
+    got = np.asarray(_kth_rank_jit(k, 8, inner)(keys))
+    np.testing.assert_array_equal(got, np.sort(np.asarray(keys), axis=1)[:, ::-1][:, k - 1])
