@@ -89,6 +89,8 @@ def check(cfg, method, z, rng) -> dict:
     return dict(
         kept_equal=bool((kept == ref).all()),
         rows_differing=int((kept != ref).any(axis=1).sum()),
+        # top-p sums added in another order may move a boundary by float rounding: the mass that moved
+        diff_mass=float((jax.nn.softmax(z, axis=-1) * (kept != ref)).sum(axis=1).max()),
         drawn_in_set=bool(in_set.all()),
         logprob_err=float(jnp.abs(lp - want).max()),
         kept_mean=float(kept.sum(axis=1).mean()),
