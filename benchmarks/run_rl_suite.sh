@@ -106,8 +106,6 @@ cmd_of() {
     sft-full) echo "150|benchmarks/sft.py --stage-config $CFG/sft_llama1b.yaml --set model.attention_impl=auto" ;;
     sft-lora) echo "150|benchmarks/sft.py --stage-config $CFG/sft_llama1b_lora.yaml --set model.attention_impl=auto" ;;
     sft-lora-savedots) echo "150|benchmarks/sft.py --stage-config $CFG/sft_llama1b_lora.yaml --set model.attention_impl=auto --set model.remat=save_dots" ;;
-    sft-lora-elementwise) echo "150|benchmarks/sft.py --stage-config $CFG/sft_llama1b_lora.yaml --set model.attention_impl=auto --set model.remat=elementwise" ;;
-    sft-full-elementwise) echo "150|benchmarks/sft.py --stage-config $CFG/sft_llama1b.yaml --set model.attention_impl=auto --set model.remat=elementwise" ;;
     sft-full-savedots) echo "150|benchmarks/sft.py --stage-config $CFG/sft_llama1b.yaml --set model.attention_impl=auto --set model.remat=save_dots" ;;
     sft-8k-lora) echo "240|benchmarks/sft.py --stage-config $CFG/sft_llama1b_lora.yaml --set model.attention_impl=auto --set data.max_length=8192 --steps 3" ;;
     sft-8k-full-remat) echo "240|benchmarks/sft.py --stage-config $CFG/sft_llama1b.yaml --set model.attention_impl=auto --set data.max_length=8192 --set model.remat=full --steps 3" ;;

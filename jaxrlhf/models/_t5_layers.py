@@ -16,7 +16,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.ad_checkpoint import checkpoint_name
 
 from jaxrlhf.models.attention import resolve_attention_impl
 from jaxrlhf.models.layers import lora_delta
@@ -50,7 +49,7 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """T5 LayerNorm [..., E] -> [..., E]: ``scale * x * rsqrt(mean(x^2) + eps)``, accumulated in float32."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return checkpoint_name((scale.astype(jnp.float32) * y).astype(x.dtype), "norm")  # remat "elementwise"
+    return (scale.astype(jnp.float32) * y).astype(x.dtype)
 
 
 def dense(
@@ -90,7 +89,7 @@ def mlp(
         h = f(gate) * up
     else:
         h = f(up)
-    h = constrain(checkpoint_name(h, "mlp_act"), ("batch", "length", "act_mlp"))
+    h = constrain(h, ("batch", "length", "act_mlp"))
     return dense(h, p["down_proj"], _child(lora, "down_proj"), cfg, sub_rng(rng, *path, "down_proj"))
 
 

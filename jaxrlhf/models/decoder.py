@@ -22,7 +22,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from jaxrlhf.models.attention import (
     Attention,
@@ -48,9 +47,6 @@ ACT = ("batch", "length", "act_embed")
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
     "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    # save everything but the norm outputs and the MLP activation (recomputed from the saved block input and
-    # the gate / up outputs: elementwise work; no matmul or attention is recomputed)
-    "elementwise": jax.checkpoint_policies.save_anything_except_these_names("norm", "mlp_act"),
 }
 
 
@@ -74,7 +70,7 @@ class MLP(nn.Module):
                 h = activation(s.activation, gate) * up
             else:
                 h = activation(s.activation, up)
-        h = constrain(checkpoint_name(h, "mlp_act"), ("batch", "length", "act_mlp"))
+        h = constrain(h, ("batch", "length", "act_mlp"))
         return Dense(x.shape[-1], ("mlp", "embed"), name="down_proj", **kw)(h)
 
 
@@ -102,10 +98,10 @@ class Block(nn.Module):
         )
         mlp = MLP(s, self.compute_dtype, self.lora_config, name="mlp")
         if s.pre_norm:
-            hn = checkpoint_name(norm1(x), "norm")
+            hn = norm1(x)
             a, new_cache = attn(hn, mask, bias, rope, cache, index, is_causal)
             h = (hn if s.residual_post_norm else x) + a.astype(x.dtype)
-            hn2 = checkpoint_name(norm2(h), "norm")
+            hn2 = norm2(h)
             out = (hn2 if s.residual_post_norm else h) + mlp(hn2).astype(x.dtype)
         else:
             a, new_cache = attn(x, mask, bias, rope, cache, index, is_causal)
@@ -218,9 +214,7 @@ class Decoder(nn.Module):
         block_cls = Block
         if self.remat != "none":
             if self.remat not in _REMAT_POLICIES:
-                raise ValueError(
-                    f"remat must be 'none', 'full', 'save_dots' or 'elementwise', got {self.remat!r}"
-                )
+                raise ValueError(f"remat must be 'none', 'full' or 'save_dots', got {self.remat!r}")
             block_cls = nn.remat(Block, policy=_REMAT_POLICIES[self.remat], static_argnums=(7,))
         layer_caches = []
         for i in range(s.num_layers):

@@ -42,7 +42,6 @@ from jaxrlhf.sharding import constrain
 _REMAT = {
     "full": None,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "elementwise": jax.checkpoint_policies.save_anything_except_these_names("norm", "mlp_act"),
 }
 
 
@@ -50,7 +49,7 @@ def _remat(fn, remat: str):
     if remat == "none":
         return fn
     if remat not in _REMAT:
-        raise ValueError(f"remat must be 'none', 'full', 'save_dots' or 'elementwise', got {remat!r}")
+        raise ValueError(f"remat must be 'none', 'full' or 'save_dots', got {remat!r}")
     return jax.checkpoint(fn, policy=_REMAT[remat])
 
 

@@ -79,10 +79,7 @@ class PPOHyperParams:
              f"epochs ({self.epochs}), num_minibatches ({self.num_minibatches}) and grad_accum "
              f"({self.grad_accum}) must be >= 1")  # fmt: skip
         need(self.dual_clip is None or self.dual_clip > 1.0, f"dual_clip must be > 1, got {self.dual_clip}")
-        need(
-            self.remat in ("none", "full", "save_dots", "elementwise"),
-            f"remat: none|full|save_dots|elementwise, not {self.remat!r}",
-        )
+        need(self.remat in ("none", "full", "save_dots"), f"remat: none|full|save_dots, not {self.remat!r}")
         need(self.kl_mode in KL_MODES, f"kl_mode must be one of {KL_MODES}, got {self.kl_mode!r}")
         need(self.kl_estimator in KL_ESTIMATORS, f"kl_estimator {self.kl_estimator!r} not in {KL_ESTIMATORS}")
         need(self.kl_loss_estimator in KL_ESTIMATORS, f"kl_loss_estimator {self.kl_loss_estimator!r} unknown")

@@ -109,10 +109,7 @@ class GRPOHyperParams:
             "importance_sampling_level: token|sequence",
         )
         need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
-        need(
-            self.remat in ("none", "full", "save_dots", "elementwise"),
-            f"remat: none|full|save_dots|elementwise, not {self.remat!r}",
-        )
+        need(self.remat in ("none", "full", "save_dots"), f"remat: none|full|save_dots, not {self.remat!r}")
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         need(
             self.reward_clip_range is None or len(self.reward_clip_range) == 2,

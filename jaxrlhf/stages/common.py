@@ -33,10 +33,7 @@ class ModelConfig:
 
     ``dtype``: parameter dtype; ``compute_dtype``: activation dtype (e.g. bfloat16 over f32 master weights).
     ``attention_impl``: ``auto`` = the fused (cuDNN) kernel where it serves the dtype and device, the plain
-    path elsewhere (the choice is logged); ``plain`` / ``fused`` force one. ``remat`` (per transformer
-    block, in gradient passes): ``none``; ``full`` (save the block input only); ``save_dots`` (save the
-    matmul outputs); ``elementwise`` (save everything but the norm outputs and the MLP activation, which
-    are recomputed: no matmul or attention runs twice).
+    path elsewhere (the choice is logged); ``plain`` / ``fused`` force one.
     """
 
     path: str | None = None
@@ -44,7 +41,7 @@ class ModelConfig:
     hf_config: dict[str, Any] | None = None
     dtype: str = "float32"
     compute_dtype: str | None = None
-    remat: Literal["none", "full", "save_dots", "elementwise"] = "none"
+    remat: Literal["none", "full", "save_dots"] = "none"
     attention_impl: Literal["auto", "plain", "fused"] = "auto"
 
 
