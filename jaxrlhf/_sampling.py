@@ -153,8 +153,12 @@ METHODS: dict[str, SearchMethod] = {
     "rank_cdf": SearchMethod(
         radix_bits=2, draw="cdf", fused_weights=True, rank_below=1024, inner_chunks=(8,)
     ),
+    # the default: each part's fastest on an H200 at [64, 128256] (benchmarks/sampling_micro.py, RESULTS.md):
+    # top-k by rank counting over two chunk levels (rank_cdf's top-k: +0.109 ms / step over greedy, radix
+    # +0.362), top-p by the 4-bit radix (the fused / 2-bit forms were no faster), the inverse-CDF draw
+    "fast": SearchMethod(draw="cdf", rank_below=1024, inner_chunks=(8,)),
 }
-DEFAULT_METHOD = "radix"
+DEFAULT_METHOD = "fast"
 
 
 def _method(method: str | SearchMethod | None) -> SearchMethod:
@@ -271,7 +275,7 @@ def _draw_cdf(cand: jax.Array, rng: jax.Array, chunk: int = _DRAW_CHUNK) -> tupl
     padded = jnp.pad(cand, ((0, 0), (0, n * chunk - vocab)), constant_values=-jnp.inf)
     padded = padded.reshape(rows, n, chunk)
     mass = jnp.exp(padded - top[:, None, None]).sum(axis=-1)  # [B, n]
-    u = jax.random.uniform(rng, (2, rows), jnp.float32)
+    u = jax.random.uniform(rng, (rows, 2), jnp.float32).T  # [rows, 2]: a row's pair does not depend on B
 
     def first_above(w, u):  # first column whose running sum of w exceeds u * sum(w) and whose w > 0
         run = jnp.cumsum(w, axis=-1)
