@@ -91,13 +91,37 @@ def concat_pairs(batch: dict) -> tuple[jax.Array, jax.Array]:
 
 
 def score_pairs(
-    spec: ModelSpec, params: dict, head: dict, batch: dict, **kwargs: Any
+    spec: ModelSpec, params: dict, head: dict, batch: dict, *, shape: Any = None, **kwargs: Any
 ) -> tuple[jax.Array, jax.Array]:
-    """``(r_chosen [B], r_rejected [B])`` from one forward pass over the concatenated pair batch."""
+    """``(r_chosen [B], r_rejected [B])`` from one forward pass over the pair batch.
+
+    Decoder-only with ``shape`` (:func:`jaxrlhf.pairs.pair_shape`; the batch needs its loss masks): each pair
+    is one shared-prompt row (:func:`jaxrlhf.pairs.pack_pairs`), the prompt computed once, and each side is
+    scored at its last token; without: chosen and rejected rows concatenated along the batch. Same scores.
+    """
+    if shape is not None and not spec.is_encoder_decoder:
+        return _score_packed(spec, params, head, batch, shape, **kwargs)
     ids, mask = concat_pairs(batch)
     rewards = score(spec, params, head, ids, mask, **kwargs)
     b = batch["chosen_input_ids"].shape[0]
     return rewards[:b], rewards[b:]
+
+
+def _score_packed(spec, params, head, batch, shape, *, lora=None, lora_config=None, **forward_kwargs):
+    from jaxrlhf.pairs import pack_pairs
+
+    pad = spec.pad_token_id if spec.pad_token_id is not None else 0
+    ids, _, layout = pack_pairs(batch, shape, pad)
+    forward_kwargs.pop("max_segments", None)  # the pair layout gives the fused kernel its rows
+    out = models.forward(
+        spec, params, ids, lora=lora, lora_config=lora_config, pair_layout=layout, **forward_kwargs
+    )
+    s, a, e = layout.shared, layout.split, layout.end
+    # chosen ends at a - 1; rejected at e - 1, or inside the shared prompt when it has no tokens of its own
+    last = jnp.stack([a - 1, jnp.where(e > a, e - 1, s - 1)], axis=1)
+    pooled = jnp.take_along_axis(out.hidden, jnp.maximum(last, 0)[:, :, None], axis=1)  # [B, 2, E]
+    r = heads.apply_head(head, pooled.reshape(-1, pooled.shape[-1]))[:, 0].reshape(-1, 2)
+    return r[:, 0], r[:, 1]
 
 
 class RewardModel(NamedTuple):

@@ -7,7 +7,9 @@ chat messages, optional ``margin``) with the Bradley-Terry loss (:func:`jaxrlhf.
     r = head(hidden at the last token of prompt + response)
     loss = mean -log sigmoid(r_chosen - r_rejected - margin) + center_coef * mean (r_chosen + r_rejected)^2
 
-Chosen and rejected rows are scored in one forward pass (concatenated along the batch). Full fine-tuning
+Chosen and rejected rows are scored in one forward pass: decoder-only models as shared-prompt rows
+``[prompt | chosen | rejected]`` (:mod:`jaxrlhf.pairs`: the prompt computed once per pair, the same scores),
+T5 concatenated along the batch. Full fine-tuning
 trains backbone + head; with ``lora`` set, a reward adapter over the frozen shared base + the head.
 
 Outputs under ``output_dir`` (default ``runs/<name>/``)::
@@ -36,6 +38,7 @@ from jaxrlhf import data, losses, models, reward_model, sharding
 from jaxrlhf import lora as lora_lib
 from jaxrlhf import train as train_lib
 from jaxrlhf.models import heads
+from jaxrlhf.pairs import PairShape, pair_shape
 from jaxrlhf.stages import common, runner
 from jaxrlhf.stages.common import CheckpointConfig, LoopConfig, ModelConfig, TokenizerConfig
 
@@ -111,9 +114,11 @@ def _split(trainable, frozen, lcfg):
     return trainable["params"], None, trainable["head"]
 
 
-def make_loss_fn(spec: models.ModelSpec, cfg: RMConfig):
+def make_loss_fn(spec: models.ModelSpec, cfg: RMConfig, *, shape: PairShape | None = None):
     """``loss_fn(trainable, frozen, batch, rng) -> (loss, metrics)``; ``trainable`` = ``{"params" | "lora",
-    "head"}``. Metrics carry ``weight`` = pairs in the batch, so accumulation averages over pairs."""
+    "head"}``. Metrics carry ``weight`` = pairs in the batch, so accumulation averages over pairs.
+    ``shape``: decoder-only shared-prompt rows (``reward_model.score_pairs``; the stage passes
+    :func:`jaxrlhf.pairs.pair_shape` of its data)."""
     t = cfg.train
 
     def loss_fn(trainable, frozen, batch, rng):
@@ -123,7 +128,7 @@ def make_loss_fn(spec: models.ModelSpec, cfg: RMConfig):
             # noise into a random walk), so the exported bias-free HF score layer stays exact
             head = {"kernel": head["kernel"], "bias": jax.lax.stop_gradient(head["bias"])}
         kw = _forward_kwargs(spec, cfg.model, cfg.lora, rng)
-        r_c, r_r = reward_model.score_pairs(spec, base, head, batch, lora=adapters, **kw)
+        r_c, r_r = reward_model.score_pairs(spec, base, head, batch, lora=adapters, shape=shape, **kw)
         margin = batch["margin"] if t.use_margin else None
         loss, m = losses.reward_loss(r_c, r_r, margin=margin, center_coef=t.center_coef)
         keep = ("accuracy", "margin", "reward_mean", "reward_std")
@@ -196,6 +201,9 @@ def run(config: RMConfig) -> RMResult:
     if ds.eval is None:
         logger.warning("no eval split (set data.eval_fraction or data.eval_split): stats from train pairs")
     stats_ds = ds.eval if ds.eval is not None else ds
+    shape = None if spec.is_encoder_decoder else pair_shape(ds)
+    if shape is not None:
+        logger.info("shared-prompt pair rows: length %d, single rows up to %d", *shape)
     head = heads.init_head(spec, r.fold(4), dtype=common.ADAPTER_DTYPE if lcfg is not None else dtype)
     if lcfg is not None:
         adapters = lora_lib.init(spec, r.params, lcfg, r.fold(1), dtype=common.ADAPTER_DTYPE)
@@ -209,7 +217,7 @@ def run(config: RMConfig) -> RMResult:
     def score_fn(trainable, frozen, batch):
         base, adapters_, head_ = _split(trainable, frozen, lcfg)
         kw = _forward_kwargs(spec, config.model, lcfg, None)
-        return reward_model.score_pairs(spec, base, head_, batch, lora=adapters_, **kw)
+        return reward_model.score_pairs(spec, base, head_, batch, lora=adapters_, shape=shape, **kw)
 
     def run_eval(st, frozen_, split, max_batches):
         t = config.train
@@ -222,7 +230,7 @@ def run(config: RMConfig) -> RMResult:
     if ds.eval is not None:
         eval_fn = lambda st, fr: run_eval(st, fr, ds.eval, config.train.eval_batches)[0]  # noqa: E731
     job = runner.Training(
-        make_loss_fn(spec, config), trainable, t_axes, frozen=frozen, eval_fn=eval_fn,
+        make_loss_fn(spec, config, shape=shape), trainable, t_axes, frozen=frozen, eval_fn=eval_fn,
         tokens_fn=lambda b: 2 * int(np.prod(np.shape(b["chosen_input_ids"]))),
     )  # fmt: skip
     del trainable

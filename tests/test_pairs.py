@@ -1,6 +1,7 @@
-"""DPO's shared-prompt rows (``dpo.pack_pairs``): the same log-probs and gradients as the chosen and rejected
-rows run separately, for pairs sharing their whole prompt, part of it, nothing, or with an empty response;
-``dpo.pair_shape`` fits every pair of a dataset, and a row that does not fit is NaN, never truncated."""
+"""Shared-prompt pair rows (``jaxrlhf.pairs``, used by DPO and the reward model): the same DPO log-probs,
+reward scores and gradients as the chosen and rejected rows run separately, for pairs sharing their whole
+prompt, part of it, nothing, or with an empty response; ``pair_shape`` fits every pair of a dataset, and a
+row that does not fit is NaN, never truncated."""
 
 from __future__ import annotations
 
@@ -89,3 +90,29 @@ def test_pair_shape_fits_the_data_and_short_rows_are_nan():
     lp = np.asarray(lp)
     bad = [0, 5, 6, 11]
     assert np.isnan(lp[bad]).all() and np.isfinite(np.delete(lp, bad)).all()
+
+
+def test_reward_model_scores_packed_rows_as_the_separate_rows():
+    """reward_model.score_pairs on shared-prompt rows == on the concatenated rows (scores and gradients of the
+    Bradley-Terry loss), incl. a rejected row with no response tokens (scored inside the shared prompt)."""
+    from jaxrlhf import losses, reward_model
+    from jaxrlhf.models import heads
+
+    params = models.init_params(SPEC, jax.random.key(0))
+    head = heads.init_head(SPEC, jax.random.key(1))
+    batch = {k: jnp.asarray(v) for k, v in _cases().items()}
+    for impl in ("plain", "fused"):
+
+        def f(p, h, shape, impl=impl):
+            rc, rr = reward_model.score_pairs(
+                SPEC, p, h, batch, shape=shape, attention_impl=impl, max_segments=1
+            )
+            return losses.reward_loss(rc, rr)[0], (rc, rr)
+
+        grad = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
+        (_, want), g_want = jax.jit(lambda p, h, grad=grad: grad(p, h, None))(params, head)
+        (_, got), g_got = jax.jit(lambda p, h, grad=grad: grad(p, h, dpo.PairShape(32, 16)))(params, head)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+        for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
