@@ -4,7 +4,8 @@ lowers the policy's learning rate by ``kl_lr_factor`` and goes on (``kl_action=l
 resumes with ``kl_action=lower_lr`` (a key that may change on resume) and finishes.
 
 A tiny PPO (a 1-layer policy from scratch, the tiny task's rule as the reward, 8 prompts x 8 tokens): the
-first rollout's KL is exactly 0 (policy = reference), every later one is above a ceiling of 1e-9 nats.
+first rollout's KL is exactly 0 (policy = reference); later ones (k1 estimates over 64 tokens, which may dip
+below 0 right after the first update) mostly lie above a ceiling of 1e-9 nats.
 """
 
 from __future__ import annotations
@@ -53,9 +54,16 @@ def test_lower_lr_halves_the_learning_rate_at_each_rollout_above_the_ceiling(tmp
         result = ppo.run(cfg)
     assert result.stage_dir  # the run went on to the end
     recs = _records(out)
-    assert recs[0]["kl_ref"] == 0.0 and all(r["kl_ref"] > CEILING for r in recs[1:])
-    assert [r["lr_scale"] for r in recs] == [1.0, 0.5, 0.25]  # lowered before iterations 2 and 3
-    assert "iteration 2: KL to the reference" in caplog.text and "(now 0.25 x optim.lr)" in caplog.text
+    assert recs[0]["kl_ref"] == 0.0  # policy = reference
+    # halved before each update whose rollout is above the ceiling (the k1 estimate may dip below it)
+    scale, want = 1.0, []
+    for i, r in enumerate(recs, start=1):
+        if r["kl_ref"] > CEILING:
+            scale *= 0.5
+            assert f"iteration {i}: KL to the reference" in caplog.text
+            assert f"(now {scale:g} x optim.lr)" in caplog.text
+        want.append(scale)
+    assert [r["lr_scale"] for r in recs] == want and want[-1] < 1.0  # lowered at least once
     # the factor is optimizer state: a checkpoint holds it
     mgr = train.CheckpointManager(out / "checkpoints")
     assert mgr.all_steps() == [2, 3]
@@ -94,7 +102,7 @@ def test_stop_keeps_the_checkpoints_from_before_the_ceiling(tmp_path, caplog):
     for r in recs[1:]:
         scale *= 0.5 if r["kl_ref"] > CEILING else 1.0
         assert r["lr_scale"] == scale, (r["step"], r["kl_ref"], r["lr_scale"], scale)
-    assert recs[1]["lr_scale"] == 0.5  # the first resumed rollout is above it: the factor really moved
+    assert recs[-1]["lr_scale"] < 1.0  # a resumed rollout was above it: the factor really moved
     with open(out / "stage" / "stage.json") as f:
         assert json.load(f)["step"] == 4
 
