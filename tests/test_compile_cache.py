@@ -22,6 +22,9 @@ def _restore_config():
     yield
     for k, v in old.items():
         jax.config.update(k, v)
+    from jax._src import compilation_cache as cc
+
+    cc.reset_cache()  # a test that pointed the cache elsewhere: the session's cache (tests/conftest.py) again
 
 
 def test_default_dir_under_xdg_cache_home(monkeypatch, tmp_path):

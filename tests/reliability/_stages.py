@@ -90,7 +90,9 @@ class Uninterrupted:
 
     def __init__(self, root):
         self.root = root
-        self.cache = str(root / "jax_cache")  # restarts load their compiled steps (as users' runs do)
+        # restarts load their compiled steps (as users' runs do); the session's cache (tests/conftest.py)
+        # when it is on, so these runs also share programs with the other tests' runs
+        self.cache = os.environ.get("JAXRLHF_TEST_SESSION_CACHE") or str(root / "jax_cache")
         self.shared = [f"tokenizer.cache_dir={root / 'tok'}", f"data.cache_dir={root / 'data'}"]
         self.dirs: dict[str, str] = {}
 

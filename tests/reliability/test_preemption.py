@@ -147,7 +147,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
         return metrics.is_file() and metrics.read_text().count('"loss"') >= 2
 
     logs = [str(tmp_path / f"p{r}.log") for r in (0, 1)]
-    cache = str(tmp_path / "jax_cache")
+    cache = os.environ.get("JAXRLHF_TEST_SESSION_CACHE") or str(tmp_path / "jax_cache")  # tests/conftest.py
     codes = _two(sets, logs, cache, sigterm_when=two_steps_logged)
     text = [_read(p) for p in logs]
     assert codes == [143, 143], f"exit statuses {codes}\n{text[0][-3000:]}\n{text[1][-3000:]}"

@@ -2,18 +2,23 @@
 in one process (a run, a shortened run and its resume): the later runs load the first one's executables
 instead of compiling them again, as a user's rerun does (``jaxrlhf.compile_cache``).
 
-The cache lives in a fresh directory of this test session (hermetic: nothing from earlier sessions) and is
-switched off again after the module, so the rest of the worker runs as ``tests/conftest.py`` set it up
-(``JAXRLHF_COMPILATION_CACHE=off``). JAX decides once per process whether the cache is used; it is told to
-decide again on the way in and on the way out.
+Only when the session-wide cache of ``tests/conftest.py`` is off (``JAXRLHF_TEST_COMPILATION_CACHE=off``;
+otherwise that cache does this, across modules and processes too). The cache lives in a fresh directory of
+this test session (hermetic: nothing from earlier sessions) and is switched off again after the module, so
+the rest of the worker runs as ``tests/conftest.py`` set it up (``JAXRLHF_COMPILATION_CACHE=off``). JAX
+decides once per process whether the cache is used; it is told to decide again on the way in and out.
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import pytest
 
 from jaxrlhf import compile_cache
+
+SESSION_CACHE_ENV = "JAXRLHF_TEST_SESSION_CACHE"  # tests/conftest.py's session-wide cache
 
 _KEYS = (
     "jax_compilation_cache_dir",
@@ -30,6 +35,9 @@ def _redecide() -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def module_compile_cache(tmp_path_factory):
+    if os.environ.get(SESSION_CACHE_ENV):  # tests/conftest.py's session-wide cache already does this
+        yield
+        return
     old = {k: getattr(jax.config, k) for k in _KEYS}
     mp = pytest.MonkeyPatch()
     path = str(tmp_path_factory.mktemp("jax_cache"))
