@@ -150,7 +150,10 @@ def test_python_rewards_weights_none_and_no_stop_score(tmp_path, funcs, tiny_tok
     rewards = rw.build_rewards(cfg, tok)
     assert rewards.names == cfg.function and rewards.scorer is None
     models_ = rl.RolloutModels(rl.Actor(spec, _tiny.params("llama")), no_ref=True)
-    ro = rl.rollout(models_, rewards, batch, jax.random.key(0), SAMPLING)
+    for seed in range(8):  # a key whose rollout has rows that stopped and rows that did not
+        ro = rl.rollout(models_, rewards, batch, jax.random.key(seed), SAMPLING)
+        if np.asarray(ro.ended).any() and not np.asarray(ro.ended).all():
+            break
     comps = rl.decode_completions(tok, ro.tokens, ro.mask)
     lengths = np.asarray([len(c) for c in comps], np.float32)
     odd = np.asarray([int(PROMPTS[int(batch.index[r // 2])]["answer"]) % 2 == 1 for r in range(8)])

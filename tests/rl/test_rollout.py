@@ -183,8 +183,11 @@ def test_critic_head_on_the_policy_backbone_shares_its_forward():
     )
     cfg = SamplingConfig(max_new_tokens=N, stop_token_ids=STOP)
     ids, mask = _tiny.prompts()
-    ro = rl.rollout(models_, _scorer_rewards(_tiny.params("llama"), no_stop_penalty=1.5), _batch(ids, mask),
-                    jax.random.key(0), cfg)  # fmt: skip
+    rewards = _scorer_rewards(_tiny.params("llama"), no_stop_penalty=1.5)
+    for seed in range(8):  # a key whose rollout has rows that stopped and rows that did not
+        ro = rl.rollout(models_, rewards, _batch(ids, mask), jax.random.key(seed), cfg)
+        if np.asarray(ro.ended).any() and not np.asarray(ro.ended).all():
+            break
     _, hid = logprobs_jit(spec, base, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask, return_hidden=True)
     np.testing.assert_allclose(
         np.asarray(ro.values), np.asarray(heads.token_values(vhead, hid) * ro.mask), atol=1e-5
