@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxrlhf import models
 
-__all__ = ["PairShape", "pack_pairs", "pair_shape"]
+__all__ = ["PairShape", "forward_pairs", "pack_pairs", "pair_shape"]
 
 
 class PairShape(NamedTuple):
@@ -89,3 +89,13 @@ def pack_pairs(batch: dict, shape: PairShape, pad_token_id: int = 0):
     ids = pick(c_ids, r_ids, pad_token_id)
     loss = pick(c_loss, r_loss, 0)
     return ids, loss, models.PairLayout(s, a, e, virtual_len=shape.virtual)
+
+
+def forward_pairs(spec, params, batch: dict, shape: PairShape, **forward_kwargs):
+    """``models.forward`` over the :func:`pack_pairs` rows of a preference batch (decoder-only): returns
+    ``(ids, loss_mask, layout, ForwardOutput)``. ``max_segments`` is dropped: the layout gives the fused
+    kernel its rows."""
+    pad = spec.pad_token_id if spec.pad_token_id is not None else 0
+    ids, loss, layout = pack_pairs(batch, shape, pad)
+    forward_kwargs.pop("max_segments", None)
+    return ids, loss, layout, models.forward(spec, params, ids, pair_layout=layout, **forward_kwargs)

@@ -107,15 +107,10 @@ def score_pairs(
     return rewards[:b], rewards[b:]
 
 
-def _score_packed(spec, params, head, batch, shape, *, lora=None, lora_config=None, **forward_kwargs):
-    from jaxrlhf.pairs import pack_pairs
+def _score_packed(spec, params, head, batch, shape, **forward_kwargs):
+    from jaxrlhf.pairs import forward_pairs
 
-    pad = spec.pad_token_id if spec.pad_token_id is not None else 0
-    ids, _, layout = pack_pairs(batch, shape, pad)
-    forward_kwargs.pop("max_segments", None)  # the pair layout gives the fused kernel its rows
-    out = models.forward(
-        spec, params, ids, lora=lora, lora_config=lora_config, pair_layout=layout, **forward_kwargs
-    )
+    _, _, layout, out = forward_pairs(spec, params, batch, shape, **forward_kwargs)
     s, a, e = layout.shared, layout.split, layout.end
     # chosen ends at a - 1; rejected at e - 1, or inside the shared prompt when it has no tokens of its own
     last = jnp.stack([a - 1, jnp.where(e > a, e - 1, s - 1)], axis=1)

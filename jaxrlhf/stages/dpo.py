@@ -45,7 +45,7 @@ from jaxrlhf import lora as lora_lib
 from jaxrlhf import train as train_lib
 from jaxrlhf.generation import SamplingConfig
 from jaxrlhf.losses._dpo import REFERENCE_FREE
-from jaxrlhf.pairs import PairShape, pack_pairs, pair_shape
+from jaxrlhf.pairs import PairShape, forward_pairs, pack_pairs, pair_shape
 from jaxrlhf.stages import common, runner
 from jaxrlhf.stages.common import CheckpointConfig, ExportConfig, LoopConfig, ModelConfig, TokenizerConfig
 from jaxrlhf.stages.samples import SampleConfig, write_samples
@@ -142,10 +142,7 @@ def _seq2seq_view(ids, attn, loss_mask, *, eos: int, pad: int, start: int, prefi
 
 def _packed_pair_logps(spec, params, batch, shape: PairShape, **forward_kwargs):
     """``pair_logps`` of decoder-only pairs through :func:`pack_pairs` rows (see there)."""
-    pad = spec.pad_token_id if spec.pad_token_id is not None else 0
-    ids, loss, layout = pack_pairs(batch, shape, pad)
-    forward_kwargs.pop("max_segments", None)  # the pair layout gives the fused kernel its rows
-    out = models.forward(spec, params, ids, pair_layout=layout, **forward_kwargs)
+    ids, loss, layout, out = forward_pairs(spec, params, batch, shape, **forward_kwargs)
     cdt = forward_kwargs.get("compute_dtype")
     h, kernel = models.lm_head_operands(spec, params, out.hidden, compute_dtype=cdt)
     targets, tmask = losses.next_token_targets(ids, loss)
