@@ -10,16 +10,31 @@ XLA (the head reads the final hidden states only), so N excludes nothing and the
     PYTHONPATH=. python benchmarks/rm.py --tiny      # CPU smoke run
     options: --mode full|lora|both  --pairs 8  --seq 1024  --remat none|full|save_dots
              --attention fused|plain  --param-dtype float32|bfloat16  --lora-rank 16  --steps 5
+
+The reward-model STAGE's own step (``--stage-config``; see :func:`stage_step`): the ``RMConfig`` of a YAML
+file (``jaxrlhf.config.load_config``, ``--set k=v`` overrides), the stage's preference loader, its
+``rm.make_loss_fn`` over shared-prompt pair rows ``[prompt | chosen | rejected]`` of ``pair_shape(data)``,
+its head / LoRA / optimizer construction and ``runner.train``'s jitted step, nothing of this file's own:
+
+    PYTHONPATH=. python benchmarks/rm.py --stage-config benchmarks/configs/rm_llama1b.yaml [--set k=v ...]
+    PYTHONPATH=. python benchmarks/rm.py --stage-config benchmarks/configs/rm_llama1b.yaml --tiny  # CPU
+        --steps N timed steps after 1 compile step + --warmup W (default 1) untimed ones
+
+Its peer: ``benchmarks/peers/trl_rm_llama1b.py`` (TRL's RewardTrainer, the same pair lengths).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxrlhf import lora, losses, models, reward_model, sharding, train
 from jaxrlhf.models import heads
@@ -146,6 +161,203 @@ def run(mode: str, args) -> dict:
     )
 
 
+# ------------------------------------------------------------------------------------- the stage's own step
+
+# --tiny with --stage-config: a tiny model and short pairs over the same config (a CPU smoke run)
+STAGE_TINY = [
+    "model.spec.vocab_size=512",
+    "model.spec.hidden_size=64",
+    "model.spec.num_layers=2",
+    "model.spec.num_heads=4",
+    "model.spec.num_kv_heads=2",
+    "model.spec.head_dim=16",
+    "model.spec.intermediate_size=128",
+    "data.max_length=128",
+    "data.batch_size=2",
+]
+
+
+def pair_lengths(n: int, max_length: int, seed: int = 0) -> np.ndarray:
+    """``[n, 3]`` token counts (prompt, chosen, rejected) of the bench pairs, without BOS / EOS: with
+    h = max_length // 2, prompts in [7h/8, h], responses in [25h/32, h - 2] (1024: 448-512 and 400-510), so
+    BOS + prompt + response + EOS fits ``max_length`` and no prompt is cut (the loader would cut the two rows
+    of a pair differently). ``benchmarks/peers/trl_rm_llama1b.py`` draws the same lengths."""
+    h = max_length // 2
+    r = np.random.default_rng(seed)
+    prompt = r.integers(h - h // 8, h + 1, n)
+    resp = r.integers(h * 25 // 32, h - 1, (n, 2))
+    return np.concatenate([prompt[:, None], resp], axis=1)
+
+
+def write_pref_data(path: str, tokenizer, max_length: int, n: int = 512, seed: int = 0) -> str:
+    """``n`` ``{"prompt", "chosen", "rejected"}`` rows of words from the tiny corpus, each text exactly its
+    :func:`pair_lengths` count of ``tokenizer`` tokens (words are added while they fit, then one-token
+    words; the tiny SentencePiece model never merges across spaces, so counts add up per word)."""
+    import jaxrlhf
+
+    corpus = os.path.join(os.path.dirname(jaxrlhf.__file__), "assets", "tiny", "corpus.txt")
+    words = sorted(set(open(corpus).read().split()))
+    cost = np.asarray([len(tokenizer.encode(w)) for w in words])
+    ones = [w for w, c in zip(words, cost, strict=True) if c == 1]
+    r = np.random.default_rng(seed + 1)
+
+    def text(k: int) -> str:
+        out, left = [], k
+        while left > 0:
+            i = int(r.integers(len(words)))
+            if cost[i] <= left:
+                out.append(words[i])
+                left -= int(cost[i])
+            elif ones:
+                out.append(ones[int(r.integers(len(ones)))])
+                left -= 1
+            else:
+                break
+        return " ".join(out)
+
+    with open(path, "w") as f:
+        for p, c, rj in pair_lengths(n, max_length, seed):
+            row = {"prompt": text(int(p)), "chosen": text(int(c)), "rejected": text(int(rj))}
+            while row["rejected"] == row["chosen"]:
+                row["rejected"] = text(int(rj))
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def build_rm_stage_step(config_path: str, overrides: list[str]):
+    """The RM stage's own step, built as ``jaxrlhf.stages.rm.run`` + ``runner.train`` build it:
+    ``(jitted step, state, device batch, frozen, host batch, config, spec, pair shape)``."""
+    from jaxrlhf import data
+    from jaxrlhf import lora as lora_lib
+    from jaxrlhf.config import load_config
+    from jaxrlhf.pairs import pair_shape
+    from jaxrlhf.stages import common, runner
+    from jaxrlhf.stages import rm as rm_stage
+
+    work = tempfile.mkdtemp(prefix="jaxrlhf-bench-rm-")
+    extra = [f"output_dir={work}/run", f"tokenizer.cache_dir={work}/tok", f"data.cache_dir={work}/data"]
+    raw = load_config(rm_stage.RMConfig, config_path, [*overrides, *extra])
+    if raw.data.path == "bench":
+        tok = common.load_tokenizer(raw.tokenizer, common.resolve_path(raw.model.path), work)
+        bench = write_pref_data(os.path.join(work, "bench.jsonl"), tok, raw.data.max_length)
+        extra.append(f"data.path={bench}")
+    cfg = load_config(rm_stage.RMConfig, config_path, [*overrides, *extra])
+    t0 = time.perf_counter()
+
+    def say(what):
+        print(f"[rm-stage-step] {what} at {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+    # jaxrlhf.stages.rm.run, up to runner.Training
+    r = runner.start(cfg, "rm")
+    say("runner.start (tokenizer, weights)")
+    spec, lcfg = r.spec, cfg.lora
+    dtype = common.dtype_of(cfg.model.dtype)
+    ds = runner.build_dataset(r, common.data_config(cfg.data, r.out), "preference")
+    shape = None if spec.is_encoder_decoder else pair_shape(ds)
+    say(f"dataset ({len(ds.data)} pairs, pair rows {shape})")
+    head = heads.init_head(spec, r.fold(4), dtype=common.ADAPTER_DTYPE if lcfg is not None else dtype)
+    if lcfg is not None:
+        adapters = lora_lib.init(spec, r.params, lcfg, r.fold(1), dtype=common.ADAPTER_DTYPE)
+        trainable, frozen = {"lora": adapters, "head": head}, r.params
+    else:
+        adapters, trainable, frozen = None, {"params": r.params, "head": head}, None
+    r.params = None
+    t_axes, _ = rm_stage._trainable_axes(spec, adapters, lcfg)
+    loss_fn = rm_stage.make_loss_fn(spec, cfg, shape=shape)
+    # runner.train: optimizer, state, jitted step, loader -> global batches
+    optim = cfg.optim
+    opt = train.make_optimizer(optim)
+    state, shard = train.init_train_state(trainable, opt, r.fold(2), mesh=r.mesh, params_axes=t_axes)
+    del trainable
+    step = train.jit_train_step(
+        train.make_train_step(loss_fn, opt, grad_accum=optim.grad_accum, schedule=train.make_schedule(optim)),
+        shard,
+        mesh=r.mesh,
+        grad_accum=optim.grad_accum,
+    )
+    dcfg = cfg.data
+    loader = data.Loader(
+        ds, dcfg.batch_size, seed=dcfg.seed, shuffle=dcfg.shuffle, shuffle_buffer=dcfg.shuffle_buffer
+    )
+    host = next(iter(loader))
+    batch = next(runner.Batches(iter([host]), r.mesh, optim.grad_accum))
+    say("train state + batch")
+    return step, state, batch, frozen, host, cfg, spec, shape
+
+
+def stage_step(config_path: str, overrides: list[str], steps: int, warmup: int = 1) -> dict:
+    """Time the RM stage's own step (:func:`build_rm_stage_step`) on one loader batch: the first call
+    (compile + run) timed alone, ``warmup`` more untimed, then ``steps`` timed calls, each to its loss."""
+    t_build = time.perf_counter()
+    step, state, batch, frozen, host, cfg, spec, shape = build_rm_stage_step(config_path, overrides)
+    t_build = time.perf_counter() - t_build
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch, frozen)
+    first_loss = float(metrics["loss"])
+    t_compile = time.perf_counter() - t0
+    print(f"[rm-stage-step] first step (compile) {t_compile:.1f} s", file=sys.stderr, flush=True)
+    for _ in range(warmup):
+        state, metrics = step(state, batch, frozen)
+    float(metrics["loss"])
+    times, losses = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = step(state, batch, frozen)
+        losses.append(float(metrics["loss"]))
+        times.append(time.perf_counter() - t0)
+    dt = float(np.mean(times))
+    c_att, r_att = np.asarray(host["chosen_attention_mask"]), np.asarray(host["rejected_attention_mask"])
+    b, t = c_att.shape
+    # tokens as TRL's RewardTrainer counts them: prompt + chosen and prompt + rejected (BOS, EOS included)
+    seq_tokens = int(c_att.sum() + r_att.sum())
+    c_loss = np.asarray(host["chosen_loss_mask"])
+    r_loss = np.asarray(host["rejected_loss_mask"])
+    resp = np.concatenate([c_loss.sum(1), r_loss.sum(1)])  # response + EOS per sequence
+    row_len = shape.length if shape is not None else t
+    row_tokens = b * row_len if shape is not None else 2 * b * t  # what the forward pass computes
+    cache = jax.config.jax_compilation_cache_dir
+    stats = jax.local_devices()[0].memory_stats() or {}
+    lcfg = cfg.lora
+    from jaxrlhf.models.attention import resolve_attention_impl
+
+    return dict(
+        bench="jaxrlhf-rm-stage-step",
+        config=config_path,
+        overrides=overrides,
+        n_params=models.count_params(spec),
+        lora=lcfg.rank if lcfg is not None else 0,
+        param_dtype=cfg.model.dtype,
+        compute_dtype=cfg.model.compute_dtype,
+        attention=cfg.model.attention_impl,
+        attention_resolved=resolve_attention_impl(cfg.model.attention_impl, cfg.model.compute_dtype),
+        remat=cfg.model.remat,
+        pairs=b,
+        max_length=t,
+        pair_rows=[b, row_len] if shape is not None else None,
+        pair_shape=list(shape) if shape is not None else None,
+        prompt_tokens_mean=float(np.mean(c_att.sum(1) - c_loss.sum(1))),
+        response_tokens_mean=float(np.mean(resp)),
+        seq_tokens_per_step=seq_tokens,
+        row_tokens_per_step=row_tokens,
+        tokens_per_s=seq_tokens / dt,
+        row_tokens_per_s=row_tokens / dt,
+        pairs_per_s=b / dt,
+        step_ms=dt * 1e3,
+        step_ms_median=float(np.median(times)) * 1e3,
+        steps_ms=[round(x * 1e3, 2) for x in times],
+        warmup_steps=1 + warmup,
+        losses=losses,
+        first_loss=first_loss,
+        finite=bool(np.all(np.isfinite(losses))),
+        compile_s=t_compile,
+        build_s=t_build,
+        compilation_cache=cache or None,
+        peak_gib=stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None,
+        devices=len(jax.devices()),
+        card=jax.devices()[0].device_kind,
+    )
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["full", "lora", "both"], default="both")
@@ -157,7 +369,14 @@ def main(argv=None):
     p.add_argument("--remat", choices=["none", "full", "save_dots"], default="none")
     p.add_argument("--attention", choices=["fused", "plain"], default="fused")
     p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--stage-config", default=None, help="time the RM stage's own step from this config")
+    p.add_argument("--set", action="append", default=[], help="config override key=value (--stage-config)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (--stage-config)")
     args = p.parse_args(argv)
+    if args.stage_config:
+        overrides = [*(STAGE_TINY if args.tiny else []), *args.set]
+        print(json.dumps(stage_step(args.stage_config, overrides, args.steps, args.warmup)), flush=True)
+        return
     args.pairs = args.pairs or (2 if args.tiny else 8)
     args.seq = args.seq or (32 if args.tiny else 1024)
     for mode in ["full", "lora"] if args.mode == "both" else [args.mode]:
