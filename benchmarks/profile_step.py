@@ -3,6 +3,7 @@
     PYTHONPATH=. python3 benchmarks/profile_step.py decode --batch 1     # GPU: 1.24B bf16, 64 decode steps
     PYTHONPATH=. python3 benchmarks/profile_step.py sft             # GPU: one full-FT step, 8 x 2048
     PYTHONPATH=. python3 benchmarks/profile_step.py sft --stage-config benchmarks/configs/sft_llama1b.yaml
+    PYTHONPATH=. python3 benchmarks/profile_step.py sample --batch 64 --sampling topp --new 64  # the sampler
     PYTHONPATH=. python3 benchmarks/profile_step.py decode --tiny        # CPU smoke run
 
 Prints one JSON line: the wall time of the traced region, the summed kernel time on the device, the number
@@ -174,9 +175,35 @@ def profile_sft(args) -> dict:
     return out
 
 
+def profile_sample(args) -> dict:
+    """The sampler alone (``benchmarks/sampling_micro.py``'s fori loop of ``sample``) at [batch, vocab]:
+    kernels and device time per step for ``--sampling`` (greedy / temp1 / topp / topk) and ``--method``."""
+    from benchmarks.sampling_micro import CONFIGS, looped
+
+    batch, vocab = (4, 512) if args.tiny else (args.batch, args.vocab)
+    z = jax.random.normal(jax.random.key(0), (batch, vocab), jnp.float32) * 0.5
+    f = looped(CONFIGS[args.sampling], None if args.method == "default" else args.method)
+    rng = jax.random.key(1)
+    one = traced(lambda: f(z, rng, 1), args.top)
+    full = traced(lambda: f(z, rng, args.new), args.top)
+    steps = args.new - 1
+    full.update(
+        bench="profile-sample",
+        sampling=args.sampling,
+        method=args.method,
+        batch=batch,
+        vocab=vocab,
+        kernels_per_step=(full["kernels"] - one["kernels"]) / steps,
+        kernel_us_per_step=(full["kernel_us"] - one["kernel_us"]) / steps,
+        wall_us_per_step=(full["wall_us"] - one["wall_us"]) / steps,
+        card=jax.devices()[0].device_kind,
+    )
+    return full
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["decode", "sft"])
+    p.add_argument("what", choices=["decode", "sft", "sample"])
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt", type=int, default=128)
@@ -186,11 +213,14 @@ def main() -> None:
     p.add_argument("--pad-single-row", type=int, default=1, help="decode: batch 1 as two rows on GPU (1/0)")
     p.add_argument("--stage-config", default=None, help="sft: the SFT stage's own step (a config)")
     p.add_argument("--set", action="append", default=[], help="sft --stage-config: override key=value")
+    p.add_argument("--sampling", default="topp", help="sample: greedy, temp1, topp (0.9) or topk (50)")
+    p.add_argument("--method", default="default", help="sample: a _sampling.METHODS name or 'default'")
+    p.add_argument("--vocab", type=int, default=128256, help="sample: vocabulary size")
     p.add_argument("--dump", default=None, help="also write the result JSON with every kernel to FILE.json")
     args = p.parse_args()
     if args.tiny:
         args.prompt, args.new = 16, 16
-    out = profile_decode(args) if args.what == "decode" else profile_sft(args)
+    out = {"decode": profile_decode, "sft": profile_sft, "sample": profile_sample}[args.what](args)
     if args.dump:
         with open(args.dump + ".json", "w") as f:
             json.dump(out, f)

@@ -233,6 +233,39 @@ def test_lora_delta_equals_merged_weights():
     assert bool(jnp.isfinite(d).all()) and float(jnp.abs(d - out).max()) > 1e-4
 
 
+@pytest.mark.parametrize("name", ["llama3", "opt"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_mlp_backward_keeps_only_the_projection_outputs(name, lora, capsys):
+    """Per layer the backward keeps the MLP's up (and gate) projection outputs, not the activation or the
+    product fed to the down projection (recomputed elementwise from them, as Liger's SwiGLU does): with
+    LoRA, whose down-projection A gradient needs that product, and in full fine-tuning."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    spec, params = _model(name)
+    inter = spec.intermediate_size
+    assert inter not in (spec.hidden_size, spec.vocab_size, spec.head_dim * spec.num_heads)
+    ids = _ids(11)
+    r = 2
+    down = {"lora_a": jnp.ones((inter, r)) * 0.01, "lora_b": jnp.ones((r, spec.hidden_size)) * 0.01}
+    adapters = {f"layers_{i}": {"mlp": {"down_proj": down}} for i in range(spec.num_layers)}
+    cfg = _Lora(scale=2.0)
+
+    def loss(trainable):
+        base, ad = (params, trainable) if lora else (trainable, None)
+        return jnp.mean(models.forward(spec, base, ids, lora=ad, lora_config=cfg).logits ** 2)
+
+    capsys.readouterr()
+    print_saved_residuals(loss, adapters if lora else params)  # "f32[2,8,48] output of add from ..." lines
+    lines = capsys.readouterr().out.splitlines()
+    # activations [B, T, I] (the frozen weights are constants, the trainable ones arguments)
+    wide = [x for x in lines if x.split(" ")[0].endswith(f",{inter}]") and x.split(" ")[0].count(",") == 2]
+    per_layer = 2 if spec.gated_mlp else 1  # gate and up, or up
+    assert len(wide) == per_layer * spec.num_layers, wide
+    # and the values and gradients are those of the plain composition
+    v, g = jax.value_and_grad(loss)(adapters if lora else params)
+    assert bool(jnp.isfinite(v)) and all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(g))
+
+
 def test_param_tree_names_and_axes():
     for name, extra in [
         ("opt_post", {"project_in", "project_out", "embed_positions"}),
