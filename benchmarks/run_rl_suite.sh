@@ -109,7 +109,7 @@ cmd_of() {
     sft-full-savedots) echo "150|benchmarks/sft.py --stage-config $CFG/sft_llama1b.yaml --set model.attention_impl=auto --set model.remat=save_dots" ;;
     sft-8k-lora) echo "240|benchmarks/sft.py --stage-config $CFG/sft_llama1b_lora.yaml --set model.attention_impl=auto --set data.max_length=8192 --steps 3" ;;
     sft-8k-full-remat) echo "240|benchmarks/sft.py --stage-config $CFG/sft_llama1b.yaml --set model.attention_impl=auto --set data.max_length=8192 --set model.remat=full --steps 3" ;;
-    gen-sampling) echo "200|benchmarks/generate.py --batch 64 --sampling greedy topp0.9 topk50 --repeats 2" ;;
+    gen-sampling) echo "200|benchmarks/generate.py --batch 64 --sampling greedy t1 topp0.9 topk50 --repeats 2" ;;
     # the reward-model stage's own step and TRL's RewardTrainer on the same pair lengths (not in the default list):
     #   bash benchmarks/run_rl_suite.sh rm-stage trl-rm
     rm-stage) echo "200|benchmarks/rm.py --stage-config $CFG/rm_llama1b.yaml $TINY" ;;
