@@ -4,7 +4,7 @@
 
 On [B, V] f32 logits, two cases: "flat" (N(0, 1) * 0.5: what a random-weight model gives; the top-p 0.9
 nucleus holds most of the vocabulary) and "peaked" (N(0, 3^2): a nucleus of a few hundred tokens). For
-greedy, temperature 1 and, per :data:`jaxrlhf._sampling.METHODS` entry (plus a few slice lengths), top-p
+greedy, temperature 1 and, per :data:`jaxrlhf._sampling.METHODS` entry (plus a 3-bit radix), top-p
 0.9 and top-k 50, it times the whole ``sample`` (token, log-prob, raw log-prob) jitted:
 
   ms_call: the median of single calls (one step per call, block_until_ready; includes dispatch);
@@ -40,9 +40,8 @@ CONFIGS = {
     "topp": SamplingConfig(max_new_tokens=1, temperature=1.0, top_p=0.9),
     "topk": SamplingConfig(max_new_tokens=1, temperature=1.0, top_k=50),
 }
-EXTRA = {  # slice lengths around the default's, to pick the constant
-    "split1k_cdf": SearchMethod(slice_len=1024, draw="cdf"),
-    "split16k_cdf": SearchMethod(slice_len=16384, draw="cdf"),
+EXTRA = {  # a 3-bit radix for top-p (2- and 3-bit passes lost to 4-bit on the H200, 2026-12-03)
+    "radix3_cdf": SearchMethod(radix_bits=3, draw="cdf"),
 }
 
 

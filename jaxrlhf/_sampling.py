@@ -112,50 +112,36 @@ class SearchMethod:
 
     radix_bits: bits of the key fixed per pass of :func:`_threshold`: ``2**radix_bits - 1`` sums per pass,
                 ``ceil(32 / radix_bits)`` passes.
-    slice_len:  0 = each pass is one reduction per row; else each row is cut in ``ceil(V / slice_len)``
-                slices reduced in parallel, then the slices' partial sums are added (a row of 128256 keys
-                is otherwise one thread block per row: 64 blocks for 64 rows on a 132-SM GPU).
     draw:       "gumbel": ``jax.random.categorical`` over the [B, V] candidates plus a logsumexp for the
                 log-probability; "cdf": inverse CDF in vocabulary order over chunk masses
                 (:func:`_draw_cdf`: one pass over the row, the log-probability from the same sums).
-    fused_weights: top-p: each pass recomputes its weights from the logits, masked to the keys at or above
-                the prefix found so far (a no-op for the sums: every candidate lies above the prefix), so
-                the [B, V] probabilities are never written and each pass reads the logits alone.
     rank_below: top-k: a level of at most this many keys per row finds its k-th largest by counting, for
                 every key, the keys at or above it (one [B, n, n] reduction, :func:`_kth_by_rank`) instead of
                 ``32 / radix_bits`` dependent passes; 0 = always the radix search.
     inner_chunks: top-k: further chunk levels over the ``k * chunk`` keys the first level keeps (each one
                 the same chunk-maximum prefilter, :func:`kth_largest_key`).
+
+    Variants timed on an H200 and dropped (2026-12-03, benchmarks/RESULTS.md "Sampling cost" and "DPO
+    shared-prompt rows..."): rows cut in slices reduced in parallel, 2- / 3-bit passes, top-p weights
+    recomputed from the logits in every pass: none cut top-p below the 4-bit radix's ~+0.4 ms at [64, 128256].
     """
 
     radix_bits: int = 4
-    slice_len: int = 0
     draw: str = "gumbel"
-    fused_weights: bool = False
     rank_below: int = 0
     inner_chunks: tuple[int, ...] = ()
 
     def __post_init__(self):
-        if not 1 <= self.radix_bits <= 8 or self.slice_len < 0 or self.draw not in ("gumbel", "cdf"):
+        if not 1 <= self.radix_bits <= 8 or self.draw not in ("gumbel", "cdf"):
             raise ValueError(f"bad SearchMethod {self}")
 
 
 METHODS: dict[str, SearchMethod] = {
     "radix": SearchMethod(),  # the reference: 8 whole-row passes of 15 sums, Gumbel draw
-    "split": SearchMethod(slice_len=4096),
     "cdf": SearchMethod(draw="cdf"),
-    "split_cdf": SearchMethod(slice_len=4096, draw="cdf"),
-    "split3_cdf": SearchMethod(radix_bits=3, slice_len=4096, draw="cdf"),
-    "split2_cdf": SearchMethod(radix_bits=2, slice_len=4096, draw="cdf"),
-    "fused2_cdf": SearchMethod(radix_bits=2, draw="cdf", fused_weights=True),
-    "fused3_cdf": SearchMethod(radix_bits=3, draw="cdf", fused_weights=True),
-    "fused4_cdf": SearchMethod(radix_bits=4, draw="cdf", fused_weights=True),
-    "rank_cdf": SearchMethod(
-        radix_bits=2, draw="cdf", fused_weights=True, rank_below=1024, inner_chunks=(8,)
-    ),
     # the default: each part's fastest on an H200 at [64, 128256] (benchmarks/sampling_micro.py, RESULTS.md):
-    # top-k by rank counting over two chunk levels (rank_cdf's top-k: +0.109 ms / step over greedy, radix
-    # +0.362), top-p by the 4-bit radix (the fused / 2-bit forms were no faster), the inverse-CDF draw
+    # top-k by rank counting over two chunk levels (+0.109 ms / step over greedy, radix +0.362; +7.9% of a
+    # batch-64 decode step end to end), top-p by the 4-bit radix, the inverse-CDF draw
     "fast": SearchMethod(draw="cdf", rank_below=1024, inner_chunks=(8,)),
 }
 DEFAULT_METHOD = "fast"
@@ -226,7 +212,6 @@ def candidates(
     ``method`` (static) picks how the thresholds are searched (:class:`SearchMethod`), not what they are.
     """
     how = _method(method)
-    search = dict(radix_bits=how.radix_bits, slice_len=how.slice_len)
     scaled = logits / jnp.float32(cfg.temperature)
     vocab = scaled.shape[-1]
     top_k = 0 < cfg.top_k < vocab
@@ -234,18 +219,17 @@ def candidates(
         keys = _ordered_keys(scaled)
     if top_k:
         tau = kth_largest_key(
-            keys, cfg.top_k, **search, rank_below=how.rank_below, inner_chunks=how.inner_chunks
+            keys,
+            cfg.top_k,
+            radix_bits=how.radix_bits,
+            rank_below=how.rank_below,
+            inner_chunks=how.inner_chunks,
         )
         scaled = jnp.where(keys >= tau[:, None], scaled, -jnp.inf)
     if cfg.top_p < 1.0:
         # the top-k keys still order the survivors; cut tokens weigh 0 and lie below tau_k <= tau_p
-        if how.fused_weights:  # softmax(scaled) op for op, recomputed per pass on the live keys
-            top = jnp.max(scaled, axis=-1, keepdims=True)
-            norm = jnp.sum(jnp.exp(scaled - top), axis=-1, keepdims=True)
-            probs = lambda live, x=scaled: jnp.exp(jnp.where(live, x, -jnp.inf) - top) / norm
-        else:
-            probs = jax.nn.softmax(scaled, axis=-1)
-        tau = _threshold(keys, probs, jnp.float32(cfg.top_p), **search)
+        probs = jax.nn.softmax(scaled, axis=-1)
+        tau = _threshold(keys, probs, jnp.float32(cfg.top_p), radix_bits=how.radix_bits)
         scaled = jnp.where(keys >= tau[:, None], scaled, -jnp.inf)
     if cfg.min_p > 0.0:
         threshold = jnp.max(scaled, axis=-1, keepdims=True) + jnp.float32(math.log(cfg.min_p))
@@ -312,7 +296,6 @@ def kth_largest_key(
     chunk: int = _CHUNK,
     *,
     radix_bits: int = _RADIX_BITS,
-    slice_len: int = 0,
     rank_below: int = 0,
     inner_chunks: tuple[int, ...] = (),
 ) -> jax.Array:
@@ -329,12 +312,11 @@ def kth_largest_key(
     keys go through the same two levels again with the next chunk size (exact by the same argument);
     ``rank_below``: levels of at most that many keys use :func:`_kth_by_rank`.
     """
-    search = dict(radix_bits=radix_bits, slice_len=slice_len)
 
     def kth(x):  # the k-th largest of x [B, m], one level
         if rank_below and x.shape[1] <= rank_below:
             return _kth_by_rank(x, k)
-        return _threshold(x, jnp.ones(x.shape, jnp.float32), jnp.float32(k), **search)
+        return _threshold(x, jnp.ones(x.shape, jnp.float32), jnp.float32(k), radix_bits=radix_bits)
 
     rows, vocab = keys.shape
     n = -(-vocab // chunk)
@@ -356,7 +338,12 @@ def kth_largest_key(
     picked = jnp.take_along_axis(padded, ids[:, :, None], axis=1).reshape(rows, k * chunk)
     if inner_chunks:
         return kth_largest_key(
-            picked, k, inner_chunks[0], **search, rank_below=rank_below, inner_chunks=inner_chunks[1:]
+            picked,
+            k,
+            inner_chunks[0],
+            radix_bits=radix_bits,
+            rank_below=rank_below,
+            inner_chunks=inner_chunks[1:],
         )
     return kth(picked)
 
@@ -373,12 +360,7 @@ def _kth_by_rank(keys: jax.Array, k: int) -> jax.Array:
 
 
 def _threshold(
-    keys: jax.Array,
-    weights: jax.Array | Callable[[jax.Array], jax.Array],
-    target: jax.Array,
-    *,
-    radix_bits: int = _RADIX_BITS,
-    slice_len: int = 0,
+    keys: jax.Array, weights: jax.Array, target: jax.Array, *, radix_bits: int = _RADIX_BITS
 ) -> jax.Array:
     """Per row the largest key ``t`` with ``S(t) = sum_v weights_v [keys_v >= t] >= target`` ([B] uint32).
 
@@ -389,30 +371,9 @@ def _threshold(
     never needed), so a row's keys and weights are read once per pass, not once per candidate; ``32 / r``
     passes give the exact key (the last pass takes the bits left). Top-k: weights 1, target k -> the key of
     the k-th largest value; top-p: weights = probabilities, target p.
-
-    ``slice_len`` > 0 cuts each row into slices of at most that many keys (padded with key 0 and weight 0;
-    no candidate is 0, so padding never counts) and adds the slices' partial sums: the same ``S(t)`` (for
-    unit weights the same integers; for probabilities the same sum in another order), more thread blocks.
-
-    ``weights`` may be a function of the [B, V] mask ``keys >= prefix`` returning weights that are right where
-    the mask holds (elsewhere anything >= 0 that the function makes 0): called once per pass, so each pass
-    fuses its own weights instead of reading a stored [B, V] array; the sums are the same since every
-    candidate lies above the prefix.
     """
-    rows, length = keys.shape
-    flat_keys = keys
-    sliced = bool(slice_len) and length > slice_len
-    if sliced:
-        parts = -(-length // slice_len)
-        width = -(-length // parts)
-        pad = ((0, 0), (0, parts * width - length))
-        shaped = lambda x: jnp.pad(x, pad).reshape(rows, parts, width)
-    else:
-        shaped = lambda x: x
-    keys = shaped(keys)
-    if not callable(weights):
-        weights = shaped(weights.astype(jnp.float32))
-    lead = (slice(None),) + (None,) * (keys.ndim - 1)  # [B] -> [B, 1] or [B, 1, 1]
+    rows = keys.shape[0]
+    weights = weights.astype(jnp.float32)
     prefix = jnp.zeros((rows,), jnp.uint32)
     zero = jnp.float32(0)
 
@@ -426,14 +387,8 @@ def _threshold(
         radix = 1 << width_bits
         digits = jnp.arange(radix, dtype=jnp.uint32)
         cand = prefix[:, None] | (digits[None, 1:] << jnp.uint32(shift))  # [B, radix - 1]
-        if callable(weights):
-            w = shaped(weights(flat_keys >= prefix[:, None]).astype(jnp.float32))
-        else:
-            w = weights
-        terms = tuple(jnp.where(keys >= cand[:, j][lead], w, zero) for j in range(radix - 1))
-        sums = jax.lax.reduce(terms, (zero,) * (radix - 1), add, (keys.ndim - 1,))  # radix-1 x [B(, parts)]
-        if keys.ndim == 3:
-            sums = tuple(s.sum(axis=-1) for s in sums)
+        terms = tuple(jnp.where(keys >= cand[:, j][:, None], weights, zero) for j in range(radix - 1))
+        sums = jax.lax.reduce(terms, (zero,) * (radix - 1), add, (1,))  # radix - 1 x [B]
         mass = jnp.stack([jnp.full((rows,), jnp.inf, jnp.float32), *sums], axis=1)  # [B, radix]
         ok = (mass >= target) | (digits[None, :] == 0)
         best = jnp.max(jnp.where(ok, digits[None, :], jnp.uint32(0)), axis=-1)

@@ -289,11 +289,12 @@ METHOD_CFGS = [
 
 
 def _search_variants() -> dict[str, SearchMethod]:
-    """METHODS' distinct searches (the draw does not change the candidates), slices shrunk to cut a
-    1000-token row too; the reference left out."""
+    """METHODS' distinct searches (the draw does not change the candidates), plus a 3-bit radix and rank
+    counting at a size this 1000-token row reaches; the reference left out."""
     out = {}
-    for name, m in sorted(METHODS.items()):
-        v = dataclasses.replace(m, draw="gumbel", slice_len=min(m.slice_len, 300))
+    extra = {"radix3": SearchMethod(radix_bits=3), "rank64": SearchMethod(rank_below=64, inner_chunks=(8,))}
+    for name, m in sorted({**METHODS, **extra}.items()):
+        v = dataclasses.replace(m, draw="gumbel")
         if v != SearchMethod() and v not in out.values():
             out[name] = v
     return out
@@ -329,7 +330,7 @@ def test_every_method_keeps_the_reference_set(seed, scale, levels, masked):
             np.testing.assert_array_equal(got, want, err_msg=f"{name} {cfg}")
 
 
-@pytest.mark.parametrize("method", ["split_cdf"])  # the draw is one code path; the searches are tested above
+@pytest.mark.parametrize("method", ["cdf"])  # the draw is one code path; the searches are tested above
 def test_cdf_draw_frequencies_match_truncated_softmax(method):
     """The inverse-CDF draw: frequencies and reported log-probs == the definition, over several chunks (a
     300-token row: two chunks of 128 and a padded one) with excluded tokens inside each chunk."""
@@ -350,7 +351,7 @@ def test_cdf_draw_on_the_small_vocabulary_cases():
     """The cdf draw on CASES (one chunk, padded): the same frequencies as the Gumbel draw's test."""
     for kw in CASES[2:5]:
         cfg = SamplingConfig(max_new_tokens=1, **kw)
-        tokens, logprobs, _ = _draw(cfg, seed=9, method="split_cdf")
+        tokens, logprobs, _ = _draw(cfg, seed=9, method="cdf")
         _check_distribution(tokens, reference_probs(LOGITS, **kw))
         np.testing.assert_allclose(np.exp(logprobs), reference_probs(LOGITS, **kw)[tokens], rtol=1e-5)
 
