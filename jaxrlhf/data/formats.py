@@ -45,7 +45,8 @@ Truncation (``DataConfig.truncation``): ``"left"`` keeps the completion (the las
 response) whole and cuts the prompt from the left (after the BOS); a row whose completion alone does not fit
 is a bad row. ``"drop"`` skips (and counts) every row that does not fit. ``"error"`` makes it a bad row.
 Prompts are first cut to ``max_prompt_length``. Text rows under ``"left"`` keep their first ``max_length``
-tokens.
+tokens. A preference pair's two rows lose the same prompt tokens (as many as its longer row must): both
+responses follow one prompt, as TRL truncates the shared prompt rather than each side.
 """
 
 from __future__ import annotations
@@ -189,10 +190,17 @@ def _chat(tokenizer, messages: list[dict], field: str, last_turn_only: bool = Fa
 # ------------------------------------------------------------------------------------------ truncation
 def _fit(ids: list[int], mask: list[int], keep: int, opts: dict, field: str) -> tuple[list[int], list[int]]:
     """Cut ``ids`` from the left after ``keep`` tokens to fit ``max_length``; keep the last masked run."""
-    max_length = opts["max_length"]
-    over = len(ids) - max_length
+    return _cut(ids, mask, keep, len(ids) - opts["max_length"], opts, field)
+
+
+def _cut(
+    ids: list[int], mask: list[int], keep: int, over: int, opts: dict, field: str
+) -> tuple[list[int], list[int]]:
+    """Drop the ``over`` tokens after the first ``keep`` (none if ``over <= 0``) under ``truncation="left"``;
+    the last masked run (the completion) must survive whole."""
     if over <= 0:
         return ids, mask
+    max_length = opts["max_length"]
     policy = opts["truncation"]
     msg = f"{len(ids)} tokens > max_length {max_length}"
     if policy != "left":
@@ -206,6 +214,22 @@ def _fit(ids: list[int], mask: list[int], keep: int, opts: dict, field: str) -> 
     if keep + over > first:
         raise RowError(f"{msg} and the completion alone ({len(ids) - first} tokens) does not fit", field)
     return ids[:keep] + ids[keep + over :], mask[:keep] + mask[keep + over :]
+
+
+def _fit_pair(
+    sides: list[tuple[list[int], list[int]]], keep: int, opts: dict, fields: tuple[str, str]
+) -> list[tuple[list[int], list[int]]]:
+    """A preference pair's two rows (the same prompt, then each response) cut by the SAME number of prompt
+    tokens, so both responses are judged after the same context (and the pair rows share the prompt):
+    as many as the longer row must lose. Each side's response must still fit whole."""
+    over = max(len(ids) for ids, _ in sides) - opts["max_length"]
+    if over > 0 and opts["truncation"] != "left":  # "drop" / "error": the longer side's error
+        longer = max(range(len(sides)), key=lambda i: len(sides[i][0]))
+        _fit(*sides[longer], keep, opts, fields[longer])  # raises
+    out: list = [None] * len(sides)
+    for i in sorted(range(len(sides)), key=lambda i: -len(sides[i][0])):  # a too-long response is named first
+        out[i] = _cut(*sides[i], keep, over, opts, fields[i])
+    return out
 
 
 def _cut_prompt(ids: list[int], opts: dict, field: str) -> list[int]:
@@ -222,13 +246,14 @@ def _cut_prompt(ids: list[int], opts: dict, field: str) -> list[int]:
 
 
 def _pair(tokenizer, prompt: str, completion: str, opts: dict, field: str, prompt_field: str = "prompt"):
-    """Decoder-only (ids, loss_mask): [BOS] prompt completion EOS, loss on completion and EOS."""
+    """Decoder-only (ids, loss_mask): [BOS] prompt completion EOS, loss on completion and EOS; not yet fit
+    to ``max_length`` (the caller's ``_fit`` / ``_fit_pair``); the prompt is cut to ``max_prompt_length``."""
     prefix = list(tokenizer.prefix_ids)
     p = _cut_prompt(tokenizer.encode(prompt), opts, prompt_field) if prompt else []
     c = tokenizer.encode(completion) + [tokenizer.eos_token_id]
     ids = prefix + p + c
     mask = [0] * (len(prefix) + len(p)) + [1] * len(c)
-    return _fit(ids, mask, len(prefix), opts, field)
+    return ids, mask
 
 
 def _conversation_completion(tokenizer, row: dict, opts: dict) -> tuple[list[int], list[int]]:
@@ -393,16 +418,18 @@ def process_row(row: dict[str, Any], fmt: str, kind: str, tokenizer, opts: dict)
         ):
             ids, mask = _finish(*_conversation_completion(tokenizer, row, opts))
         elif fmt == "prompt_completion":
-            ids, mask = _finish(
-                *_pair(tokenizer, _text(row, "prompt", True), _text(row, "completion"), opts, "completion")
+            ids, mask = _pair(
+                tokenizer, _text(row, "prompt", True), _text(row, "completion"), opts, "completion"
             )
+            ids, mask = _finish(*_fit(ids, mask, len(tokenizer.prefix_ids), opts, "completion"))
         elif fmt == "alpaca":
             prompt, output = alpaca_prompt(row, tokenizer), _text(row, "output")
             if isinstance(prompt, list):
                 ids, mask = _chat(tokenizer, [*prompt, {"role": "assistant", "content": output}], "output")
                 ids, mask = _finish(*_fit(ids, mask, len(tokenizer.prefix_ids), opts, "output"))
             else:
-                ids, mask = _finish(*_pair(tokenizer, prompt, output, opts, "output", "instruction"))
+                ids, mask = _pair(tokenizer, prompt, output, opts, "output", "instruction")
+                ids, mask = _finish(*_fit(ids, mask, len(tokenizer.prefix_ids), opts, "output"))
         else:
             field = "messages" if "messages" in row else "conversations"
             ids, mask = _chat(tokenizer, _messages(row, field), field)
@@ -410,14 +437,16 @@ def process_row(row: dict[str, Any], fmt: str, kind: str, tokenizer, opts: dict)
         return {"input_ids": ids, "loss_mask": mask}
     if kind == "preference":
         prompt, sides = split_preference(row)
-        out = {}
-        for side, resp in zip(("chosen", "rejected"), sides, strict=True):
+        out, rows = {}, []
+        names = ("chosen", "rejected")
+        for side, resp in zip(names, sides, strict=True):
             if isinstance(resp, list):
-                msgs = (prompt or []) + resp
-                ids, mask = _chat(tokenizer, msgs, side, last_turn_only=True)
-                ids, mask = _fit(ids, mask, len(tokenizer.prefix_ids), opts, side)
+                rows.append(_chat(tokenizer, (prompt or []) + resp, side, last_turn_only=True))
             else:
-                ids, mask = _pair(tokenizer, prompt, resp, opts, side)
+                rows.append(_pair(tokenizer, prompt, resp, opts, side))
+        for side, (ids, mask) in zip(
+            names, _fit_pair(rows, len(tokenizer.prefix_ids), opts, names), strict=True
+        ):
             out[f"{side}_input_ids"], out[f"{side}_loss_mask"] = _finish(ids, mask)
         margin = row.get("margin", 0.0)
         if margin is None:
