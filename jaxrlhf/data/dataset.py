@@ -38,7 +38,7 @@ from jaxrlhf.data.packing import length_buckets, pack_examples
 from jaxrlhf.data.sources import BAD_ROW_FIELD, BAD_ROW_REASON, is_glob, load_sources
 from jaxrlhf.data.templates import TEMPLATES
 
-_VERSION = "jaxrlhf-data-1"
+_VERSION = "jaxrlhf-data-2"  # 2: preference pairs cut to one shared prompt
 
 
 @dataclasses.dataclass(frozen=True)
