@@ -228,7 +228,6 @@ def build_rm_stage_step(config_path: str, overrides: list[str]):
     """The RM stage's own step, built as ``jaxrlhf.stages.rm.run`` + ``runner.train`` build it:
     ``(jitted step, state, device batch, frozen, host batch, config, spec, pair shape)``."""
     from jaxrlhf import data
-    from jaxrlhf import lora as lora_lib
     from jaxrlhf.config import load_config
     from jaxrlhf.pairs import pair_shape
     from jaxrlhf.stages import common, runner
@@ -250,19 +249,11 @@ def build_rm_stage_step(config_path: str, overrides: list[str]):
     # jaxrlhf.stages.rm.run, up to runner.Training
     r = runner.start(cfg, "rm")
     say("runner.start (tokenizer, weights)")
-    spec, lcfg = r.spec, cfg.lora
-    dtype = common.dtype_of(cfg.model.dtype)
+    spec = r.spec
     ds = runner.build_dataset(r, common.data_config(cfg.data, r.out), "preference")
     shape = None if spec.is_encoder_decoder else pair_shape(ds)
     say(f"dataset ({len(ds.data)} pairs, pair rows {shape})")
-    head = heads.init_head(spec, r.fold(4), dtype=common.ADAPTER_DTYPE if lcfg is not None else dtype)
-    if lcfg is not None:
-        adapters = lora_lib.init(spec, r.params, lcfg, r.fold(1), dtype=common.ADAPTER_DTYPE)
-        trainable, frozen = {"lora": adapters, "head": head}, r.params
-    else:
-        adapters, trainable, frozen = None, {"params": r.params, "head": head}, None
-    r.params = None
-    t_axes, _ = rm_stage._trainable_axes(spec, adapters, lcfg)
+    trainable, frozen, t_axes = rm_stage.trainable_params(r, cfg)
     loss_fn = rm_stage.make_loss_fn(spec, cfg, shape=shape)
     # runner.train: optimizer, state, jitted step, loader -> global batches
     optim = cfg.optim

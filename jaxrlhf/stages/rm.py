@@ -191,11 +191,26 @@ def _trainable_axes(spec, adapters, lcfg):
     return {"params": axes, "head": heads.head_axes()}, None
 
 
+def trainable_params(r: runner.Run, config: RMConfig) -> tuple[dict, dict | None, dict]:
+    """``(trainable, frozen, trainable_axes)`` of the RM stage from the started run ``r`` (its params are
+    handed over: ``r.params`` is None after): full FT ``{"params", "head"}`` with no frozen part; LoRA
+    ``{"lora", "head"}`` (f32 adapters and head) over the frozen base."""
+    spec, lcfg = r.spec, config.lora
+    dtype = common.dtype_of(config.model.dtype)
+    head = heads.init_head(spec, r.fold(4), dtype=common.ADAPTER_DTYPE if lcfg is not None else dtype)
+    if lcfg is not None:
+        adapters = lora_lib.init(spec, r.params, lcfg, r.fold(1), dtype=common.ADAPTER_DTYPE)
+        trainable, frozen = {"lora": adapters, "head": head}, r.params
+    else:
+        adapters, trainable, frozen = None, {"params": r.params, "head": head}, None
+    r.params = None
+    return trainable, frozen, _trainable_axes(spec, adapters, lcfg)[0]
+
+
 def run(config: RMConfig) -> RMResult:
     """Train and evaluate the reward model; resumes from ``checkpoints/`` when present."""
     r = runner.start(config, "rm")
     spec, lcfg = r.spec, config.lora
-    dtype = common.dtype_of(config.model.dtype)
     dcfg = common.data_config(config.data, r.out)
     ds = runner.build_dataset(r, dcfg, "preference")
     if ds.eval is None:
@@ -204,14 +219,7 @@ def run(config: RMConfig) -> RMResult:
     shape = None if spec.is_encoder_decoder else pair_shape(ds)
     if shape is not None:
         logger.info("shared-prompt pair rows: length %d, single rows up to %d", *shape)
-    head = heads.init_head(spec, r.fold(4), dtype=common.ADAPTER_DTYPE if lcfg is not None else dtype)
-    if lcfg is not None:
-        adapters = lora_lib.init(spec, r.params, lcfg, r.fold(1), dtype=common.ADAPTER_DTYPE)
-        trainable, frozen = {"lora": adapters, "head": head}, r.params
-    else:
-        adapters, trainable, frozen = None, {"params": r.params, "head": head}, None
-    r.params = None
-    t_axes, _ = _trainable_axes(spec, adapters, lcfg)
+    trainable, frozen, t_axes = trainable_params(r, config)
 
     @jax.jit
     def score_fn(trainable, frozen, batch):
