@@ -54,11 +54,17 @@ def _loss_inputs():
     return ppo_models, policy, critic, batch, ptx, denom
 
 
-def _policy_grad(ppo_models, hp, policy, critic, batch, ptx, denom, kl_coef=0.0):
+def _grad_fn(ppo_models, hp):
+    """The jitted policy gradient of ``hp``'s PPO loss (one compilation per hyper-parameters and inputs;
+    the KL coefficient is an argument)."""
     loss_fn = rl.make_ppo_loss(ppo_models, hp)
+    return jax.jit(jax.grad(lambda p, critic, *args: loss_fn(p, critic, *args)[0]))
+
+
+def _policy_grad(ppo_models, hp, policy, critic, batch, ptx, denom, kl_coef=0.0, grad_fn=None):
     ptx_tokens = jnp.sum(ptx["loss_mask"][:, 1:]).astype(jnp.float32) if ptx is not None else 0.0
     args = (rl.PPOFrozen(), batch, denom, jnp.float32(kl_coef), ptx, ptx_tokens, jax.random.PRNGKey(0))
-    return jax.jit(jax.grad(lambda p: loss_fn(p, critic, *args)[0]))(policy)
+    return (grad_fn or _grad_fn(ppo_models, hp))(policy, critic, *args)
 
 
 def test_ptx_adds_gamma_times_the_pretraining_nll_gradient_and_kl_in_loss_adds_k3():
@@ -75,13 +81,14 @@ def test_ptx_adds_gamma_times_the_pretraining_nll_gradient_and_kl_in_loss_adds_k
 
     gamma = 0.7
     with_ptx = _policy_grad(ppo_models, hp.replace(ptx_coef=gamma), policy, critic, batch, ptx, denom)
-    want = jax.tree.map(lambda a, g: a + gamma * g, plain, jax.grad(nll)(policy))
+    want = jax.tree.map(lambda a, g: a + gamma * g, plain, jax.jit(jax.grad(nll))(policy))
     chex.assert_trees_all_close(with_ptx, want, atol=1e-6, rtol=1e-5)
 
     # kl_mode="loss": + kl_coef * token-mean k3(pi, ref), gradient linear in the coefficient
     hp_kl = hp.replace(kl_mode="loss")
-    g0 = _policy_grad(ppo_models, hp_kl, policy, critic, batch, None, denom, kl_coef=0.0)
-    g1 = _policy_grad(ppo_models, hp_kl, policy, critic, batch, None, denom, kl_coef=0.3)
+    kl_grad = _grad_fn(ppo_models, hp_kl)  # one compilation for both coefficients
+    g0 = _policy_grad(ppo_models, hp_kl, policy, critic, batch, None, denom, kl_coef=0.0, grad_fn=kl_grad)
+    g1 = _policy_grad(ppo_models, hp_kl, policy, critic, batch, None, denom, kl_coef=0.3, grad_fn=kl_grad)
     inputs = (batch["prompt_ids"], batch["prompt_mask"], batch["tokens"], batch["mask"])
 
     def k3(p):
@@ -91,7 +98,7 @@ def test_ptx_adds_gamma_times_the_pretraining_nll_gradient_and_kl_in_loss_adds_k
 
     chex.assert_trees_all_close(g0, plain, atol=1e-7)
     chex.assert_trees_all_close(
-        g1, jax.tree.map(lambda a, g: a + 0.3 * g, plain, jax.grad(k3)(policy)), atol=1e-6, rtol=1e-5
+        g1, jax.tree.map(lambda a, g: a + 0.3 * g, plain, jax.jit(jax.grad(k3))(policy)), atol=1e-6, rtol=1e-5
     )
 
 
