@@ -73,37 +73,43 @@ def test_first_ratio_is_one_in_one_compiled_scan_with_donated_state():
 
 
 def _reference_update(ppo_models, hp, state, frozen, rollout, p_opt, c_opt):
-    """The documented loss on the whole rollout, plain jax.grad, one optax step per optimizer."""
-    mask = rollout.mask
-    coef = float(state.kl.kl_coef)
-    kl = losses.kl_penalty(rollout.logprobs, rollout.ref_logprobs, estimator="k1")
-    rewards = losses.token_rewards(rollout.scores, kl, mask, kl_coef=coef)
-    adv, ret = losses.gae(rewards, rollout.values, mask, gamma=hp.gamma, lam=hp.lam)
-    adv = losses.masked_whiten(adv, mask)
-    inputs = (rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask)
-    spec = ppo_models.policy_spec
+    """The documented loss on the whole rollout, plain jax.grad, one optax step per optimizer (jitted as a
+    whole: one compilation instead of op-by-op dispatch)."""
+    coef = jnp.float32(state.kl.kl_coef)
 
-    def loss_fn(policy, critic):
-        lp, ent = S.logprobs_jit(spec, policy, *inputs, return_entropy=True)
-        _, hid = S.logprobs_jit(ppo_models.critic_spec, critic["backbone"], *inputs, return_hidden=True)
-        values = heads.token_values(critic["head"], hid)
-        agg = dict(loss_agg=hp.loss_agg)
-        pg, pm = losses.ppo_policy_loss(
-            lp, rollout.logprobs, adv, mask, clip_eps=hp.clip_eps, dual_clip=hp.dual_clip, **agg
+    @jax.jit
+    def run(policy, critic, rollout, coef):
+        mask = rollout.mask
+        kl = losses.kl_penalty(rollout.logprobs, rollout.ref_logprobs, estimator="k1")
+        rewards = losses.token_rewards(rollout.scores, kl, mask, kl_coef=coef)
+        adv, ret = losses.gae(rewards, rollout.values, mask, gamma=hp.gamma, lam=hp.lam)
+        adv = losses.masked_whiten(adv, mask)
+        inputs = (rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask)
+        spec = ppo_models.policy_spec
+
+        def loss_fn(policy, critic):
+            lp, ent = S.logprobs_jit(spec, policy, *inputs, return_entropy=True)
+            _, hid = S.logprobs_jit(ppo_models.critic_spec, critic["backbone"], *inputs, return_hidden=True)
+            values = heads.token_values(critic["head"], hid)
+            agg = dict(loss_agg=hp.loss_agg)
+            pg, pm = losses.ppo_policy_loss(
+                lp, rollout.logprobs, adv, mask, clip_eps=hp.clip_eps, dual_clip=hp.dual_clip, **agg
+            )
+            vf, _ = losses.ppo_value_loss(
+                values, rollout.values, ret, mask, clip_eps=hp.value_clip_eps, **agg
+            )
+            ent_mean = losses.aggregate_loss(ent, mask, **agg)
+            return pg - hp.ent_coef * ent_mean + hp.vf_coef * vf, {"policy_loss": pg, "value_loss": vf, **pm}
+
+        (_, metrics), (gp, gc) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(policy, critic)
+        up, _ = p_opt.update(gp, p_opt.init(policy), policy)
+        uc, _ = c_opt.update(gc, c_opt.init(critic), critic)
+        metrics["advantage_mean"] = losses.masked_mean(
+            losses.gae(rewards, rollout.values, mask, gamma=hp.gamma, lam=hp.lam)[0], mask
         )
-        vf, _ = losses.ppo_value_loss(values, rollout.values, ret, mask, clip_eps=hp.value_clip_eps, **agg)
-        ent_mean = losses.aggregate_loss(ent, mask, **agg)
-        return pg - hp.ent_coef * ent_mean + hp.vf_coef * vf, {"policy_loss": pg, "value_loss": vf, **pm}
+        return optax.apply_updates(policy, up), optax.apply_updates(critic, uc), metrics
 
-    (_, metrics), (gp, gc) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-        state.policy, state.critic
-    )
-    up, _ = p_opt.update(gp, p_opt.init(state.policy), state.policy)
-    uc, _ = c_opt.update(gc, c_opt.init(state.critic), state.critic)
-    metrics["advantage_mean"] = losses.masked_mean(
-        losses.gae(rewards, rollout.values, mask, gamma=hp.gamma, lam=hp.lam)[0], mask
-    )
-    return optax.apply_updates(state.policy, up), optax.apply_updates(state.critic, uc), metrics
+    return run(state.policy, state.critic, rollout, coef)
 
 
 @pytest.fixture(scope="module")
