@@ -90,7 +90,7 @@ def test_python_reward_rises(tiny_sft, tmp_path_factory):
     res = ppo.run(
         _cfg(
             out, tmp_path_factory, tiny_sft.stage_dir, "reward.path=null",
-            f"reward.function={HERE}:terse_reward", "train.iterations=16", "samples.num=0",
+            f"reward.function={HERE}:terse_reward", "train.iterations=10", "samples.num=0",
         )
     )  # fmt: skip
     recs = _records(res.run_dir)
@@ -116,7 +116,7 @@ def test_three_adapter_sets_on_one_base(tiny_sft, tmp_path_factory):
             out, tmp_path_factory, tiny_sft.stage_dir, f"reward.path={rm_lora.stage_dir}", "lora.rank=8",
             "lora.alpha=16", "lora.targets=[all-linear]", "critic.init=policy", "critic.lora.rank=8",
             "critic.lora.targets=[all-linear]", "optim.lr=2e-3", "critic_optim.lr=2e-3",
-            "train.iterations=12", "samples.num=0",
+            "train.iterations=6", "samples.num=0",
         )
     )  # fmt: skip
     base = train.load_stage(tiny_sft.stage_dir).params
@@ -146,7 +146,7 @@ def test_t5_policy_reward_rises(tmp_path_factory):
     res = ppo.run(
         _cfg(
             tmp_path_factory.mktemp("ppo_t5"), tmp_path_factory, t5.stage_dir, "reward.path=null",
-            f"reward.function={HERE}:terse_reward", "train.iterations=12", "samples.num=0",
+            f"reward.function={HERE}:terse_reward", "train.iterations=8", "samples.num=0",
             "optim.lr=3e-4",
         )
     )  # fmt: skip
