@@ -32,7 +32,7 @@ from tests.stages._compile_cache import module_compile_cache  # noqa: F401  (aut
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 YAML = os.path.join(ROOT, "configs", "tiny", "pipeline.yaml")
-SFT_STEPS, RM_STEPS, DPO_STEPS, PPO_ITERS = 100, 100, 150, 16
+SFT_STEPS, RM_STEPS, DPO_STEPS, PPO_ITERS = 100, 100, 150, 8
 SAMPLES = 128  # the pipeline's samples section (configs/tiny/dpo.yaml's too)
 
 
