@@ -136,7 +136,7 @@ def test_t5_policy_reward_rises(tmp_path_factory):
             [
                 f"output_dir={tmp_path_factory.mktemp('ppo_t5_sft')}", "model.spec=null",
                 "data.packing=false", "data.max_length=32",
-                "model.hf_config={model_type: t5, d_model: 64, d_kv: 16, d_ff: 128, num_layers: 2, "
+                "model.hf_config={model_type: t5, d_model: 32, d_kv: 8, d_ff: 64, num_layers: 1, "
                 "num_heads: 4, feed_forward_proj: gated-gelu, tie_word_embeddings: false}",
                 "optim.total_steps=60", "optim.lr=3e-3", "train.eval_every=0", "train.progress=false",
                 "samples.num=0", "export.hf=false", *shared_caches(tmp_path_factory),
