@@ -106,7 +106,7 @@ def test_three_adapter_sets_on_one_base(tiny_sft, tmp_path_factory):
     rm_lora = rm.run(
         rm_config(
             tmp_path_factory.mktemp("ppo_rm_lora"), tiny_sft.stage_dir, tmp_path_factory,
-            "optim.total_steps=60", "train.eval_every=1000", "lora.rank=8", "lora.alpha=16",
+            "optim.total_steps=20", "train.eval_every=1000", "lora.rank=8", "lora.alpha=16",
             "lora.targets=[all-linear]", "optim.lr=3e-3",
         )
     )  # fmt: skip
