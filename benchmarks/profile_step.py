@@ -201,6 +201,30 @@ def profile_sample(args) -> dict:
     return full
 
 
+_HLO_LINE = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$")
+
+
+def hlo_where(dump_dir: str, names: list[str]) -> dict[str, str]:
+    """kernel name -> ``shape ... op_name | source_file:line`` of the instruction of that name in the
+    optimized HLO XLA dumped (``--hlo``): fusions and custom calls are named after their instruction."""
+    want, out = set(names), {}
+    for path in glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")):
+        with open(path) as f:
+            for line in f:
+                m = _HLO_LINE.match(line)
+                name = m.group(1).replace(".", "_") if m else ""  # the trace writes loop_fusion.3 as _3
+                if not m or name not in want or name in out:
+                    continue
+                rest = m.group(2)
+                op = re.search(r'op_name="([^"]+)"', rest)
+                src = re.search(r'source_file="([^"]+)" source_line=(\d+)', rest)
+                where = (op.group(1)[-120:] if op else "?") + (
+                    f" | {os.path.basename(src.group(1))}:{src.group(2)}" if src else ""
+                )
+                out[name] = rest.split(", metadata=")[0][:160] + " :: " + where
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["decode", "sft", "sample"])
@@ -217,10 +241,26 @@ def main() -> None:
     p.add_argument("--method", default="default", help="sample: a _sampling.METHODS name or 'default'")
     p.add_argument("--vocab", type=int, default=128256, help="sample: vocabulary size")
     p.add_argument("--dump", default=None, help="also write the result JSON with every kernel to FILE.json")
+    p.add_argument(
+        "--hlo", action="store_true", help="name each top kernel's HLO instruction and source line"
+    )
     args = p.parse_args()
+    hlo_dir = None
+    if args.hlo:  # read when the backend starts (below), so setting it here still counts
+        hlo_dir = tempfile.mkdtemp(prefix="jaxrlhf-prof-hlo-")
+        os.environ["JAXRLHF_COMPILATION_CACHE"] = "off"  # a cached executable would skip the dump
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={hlo_dir} --xla_dump_hlo_as_text"
+        ).strip()
     if args.tiny:
         args.prompt, args.new = 16, 16
     out = {"decode": profile_decode, "sft": profile_sft, "sample": profile_sample}[args.what](args)
+    if hlo_dir:
+        names = [
+            k for k, _ in sorted(out["all_kernels"].items(), key=lambda kv: -kv[1][1])[: max(args.top, 60)]
+        ]
+        where = hlo_where(hlo_dir, names)
+        out["hlo"] = {n: where[n] for n in names if n in where}
     if args.dump:
         with open(args.dump + ".json", "w") as f:
             json.dump(out, f)

@@ -15,10 +15,14 @@ Packed and padded rows on the fused path (:func:`segment_layout`): instead of a 
 (which makes cuDNN read a bias and run every score block, causal or not), the kernel takes each row's
 segments as lengths + offsets (cuDNN's packed "THD" layout, causal within each segment), so it skips the
 blocks above the diagonal and between segments. A segment is a run of tokens with one nonzero segment id (or
-of ``attention_mask = 1``); a token attends to the earlier tokens of its own run. Used when the caller passes
-``max_segments`` (``models.forward``), promising rows of at most that many runs with increasing ids and
-positions that step by one inside a run (what ``data.packing`` and every loader produce); a row that breaks
-the promise gets NaN outputs (the loss and the divergence guard see it), never a silently wrong mask.
+of ``attention_mask = 1``); a token attends to the earlier tokens of its own run. Padding joins the run before
+it (padding before the first real token is a run of its own): every slot lies in some run, so the kernel
+writes every output and every input cotangent, and no select has to clean padding slots up. Real tokens
+never see padding (it comes after them in their run), padding outputs reach no real token, so a loss on real
+tokens gives padding slots exactly zero cotangents. Used when the caller passes ``max_segments``
+(``models.forward``), promising rows of at most that many runs with increasing ids and positions that step
+by one inside a run (what ``data.packing`` and every loader produce); a row that breaks the promise gets NaN
+outputs (the loss and the divergence guard see it), never a silently wrong mask.
 
 Shared-prefix pairs (:class:`PairLayout`, DPO's chosen / rejected): a row ``[prefix | continuation 1 |
 continuation 2 | pad]`` computes the shared prompt once; each continuation attends to the prefix and to its
@@ -106,20 +110,23 @@ class SegmentLayout(NamedTuple):
     """Per-row segments of a ``[B, T]`` self-attention batch (see :func:`segment_layout`).
 
     ``seqlen [B, M]`` / ``offsets [B, M + 1]``: length and first slot of each segment, -1 past the last
-    (cuDNN's packed layout); ``run [B, T]``: 1-based segment of each token, 0 = padding; ``ok [B]``: the row
-    keeps the contract (at most ``max_segments`` runs, increasing ids), else its outputs are NaN.
+    (cuDNN's packed layout); ``run [B, T]``: the 1-based segment of each slot (0: a slot of no segment, whose
+    output is left undefined: only the pair path's virtual padding, which nothing reads); ``ok [B]`` or None:
+    the row keeps the contract (at most ``max_segments`` runs, increasing ids), else its outputs are NaN.
+    None: the caller has checked it already (``models.forward`` makes a breaking row's embeddings NaN once
+    instead of masking every layer's output).
     """
 
     seqlen: jax.Array
     offsets: jax.Array
     run: jax.Array
-    ok: jax.Array
+    ok: jax.Array | None
 
     def dense_mask(self, window: int | None = None) -> jax.Array:
         """The layout as a boolean ``[B, 1, T, T]`` mask: same run, causal (and ``q - k < window``)."""
         t = self.run.shape[1]
         idx = jnp.arange(t)
-        same = (self.run[:, :, None] == self.run[:, None, :]) & (self.run[:, :, None] > 0)
+        same = self.run[:, :, None] == self.run[:, None, :]
         mask = same & (idx[None, None, :] <= idx[None, :, None])
         if window is not None:
             mask = mask & ((idx[:, None] - idx[None, :]) < window)[None]
@@ -129,10 +136,12 @@ class SegmentLayout(NamedTuple):
 def segment_layout(segments: jax.Array, max_segments: int) -> SegmentLayout:
     """Runs of one nonzero id in ``segments [B, T]`` (0 = padding) -> :class:`SegmentLayout`.
 
-    A run starts where the id is nonzero and differs from the previous token's. The row is ``ok`` when it
-    has at most ``max_segments`` runs and each run's id exceeds every id before it (so no id has two runs,
-    which a dense same-id mask would join). ``M = max(max_segments, 2)`` columns: cuDNN treats one column as
-    an unpacked batch.
+    A run starts where the id is nonzero and differs from the previous token's; padding joins the run before
+    it, and padding at the start of a row is a run of its own (so every slot has a run and the fused kernel
+    writes every output). The row is ``ok`` when it has at most ``max_segments`` runs of real tokens, at most
+    ``M = max(max_segments, 2)`` runs in all (a left-padded row with ``max_segments >= 2`` real runs does not
+    fit) and each run's id exceeds every id before it (so no id has two runs, which a dense same-id mask
+    would join). M columns: cuDNN treats one column as an unpacked batch.
     """
     b, t = segments.shape
     m = max(int(max_segments), 2)
@@ -140,14 +149,16 @@ def segment_layout(segments: jax.Array, max_segments: int) -> SegmentLayout:
     valid = seg != 0
     prev = jnp.pad(seg[:, :-1], ((0, 0), (1, 0)))
     start = valid & (seg != prev)
-    run = jnp.where(valid, jnp.cumsum(start, axis=1, dtype=jnp.int32), 0)
-    n_runs = run.max(axis=1)
+    lead = jnp.zeros((b, t), bool).at[:, 0].set(~valid[:, 0])  # leading padding: a run of its own
+    begin = start | lead
+    run = jnp.cumsum(begin, axis=1, dtype=jnp.int32)
+    n_runs = run[:, -1]
     seen = jnp.pad(jax.lax.cummax(seg, axis=1)[:, :-1], ((0, 0), (1, 0)))
-    ok = (n_runs <= max_segments) & jnp.all(~start | (seg > seen), axis=1)
+    ok = (jnp.sum(start, axis=1) <= max_segments) & (n_runs <= m) & jnp.all(~start | (seg > seen), axis=1)
     col = jnp.arange(1, m + 1, dtype=jnp.int32)
     hit = run[:, :, None] == col[None, None, :]  # [B, T, M]
     length = hit.sum(axis=1, dtype=jnp.int32)
-    first = jnp.where(hit & start[:, :, None], jnp.arange(t, dtype=jnp.int32)[None, :, None], 0).sum(axis=1)
+    first = jnp.where(hit & begin[:, :, None], jnp.arange(t, dtype=jnp.int32)[None, :, None], 0).sum(axis=1)
     present = col[None, :] <= n_runs[:, None]
     seqlen = jnp.where(present, length, -1)
     offsets = jnp.concatenate([jnp.where(present, first, -1), jnp.full((b, 1), -1, jnp.int32)], axis=1)
@@ -300,8 +311,8 @@ def _paired(q, k, v, layout: PairLayout, bias, *, scale, impl, window):
         m = 2
         seqlen = jnp.concatenate([n[:, None], jnp.full((2 * b, m - 1), -1, jnp.int32)], axis=1)
         offsets = jnp.concatenate([jnp.zeros((2 * b, 1), jnp.int32), jnp.full((2 * b, m), -1, jnp.int32)], 1)
-        run = (t < n[:, None]).astype(jnp.int32)
-        vlayout = SegmentLayout(seqlen, offsets, run, jnp.repeat(ok, 2))
+        run = (t < n[:, None]).astype(jnp.int32)  # virtual padding (run 0): never read by _collect
+        vlayout = SegmentLayout(seqlen, offsets, run, None)  # the contract check is the where below
         out = _segmented(virt(q), virt(k), virt(v), vlayout, scale=scale, impl=impl, window=window)
         out = _collect(out.reshape(b, 2 * vl, *out.shape[2:]), back, src, main)
     return jnp.where(ok[:, None, None, None], out, jnp.full((), jnp.nan, out.dtype))
@@ -378,17 +389,16 @@ def _fused(q, k, v, mask, bias, *, scale, is_causal):
 
 def _segmented(q, k, v, layout: SegmentLayout, *, scale, impl, window):
     """Attention under a :class:`SegmentLayout`: cuDNN's packed kernel on GPU (fused, bf16 / fp16), else
-    the layout's dense mask. Padding rows give 0 (inputs and outputs masked, so the kernel's unwritten
-    slots and their cotangents never reach a weight gradient); rows that broke the contract give NaN."""
-    valid = (layout.run > 0)[:, :, None, None]
+    the layout's dense mask. No select touches q / k / v or the output: every slot a caller reads lies in a
+    segment (:func:`segment_layout`), so the kernel writes it; rows that broke the contract give NaN (here
+    when ``layout.ok`` is given, else the caller has made them NaN)."""
     out = None
     if impl == "fused" and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         try:
             from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
-            zq, zk, zv = (jnp.where(valid, x, jnp.zeros((), x.dtype)) for x in (q, k, v))
             out = cudnn.dot_product_attention(
-                zq, zk, zv,
+                q, k, v,
                 q_seqlen=layout.seqlen, kv_seqlen=layout.seqlen,
                 q_offsets=layout.offsets, kv_offsets=layout.offsets,
                 scale=scale, mask_type=cudnn.MaskType.PADDING_CAUSAL,
@@ -407,7 +417,8 @@ def _segmented(q, k, v, layout: SegmentLayout, *, scale, impl, window):
             out = _fused(q, k, v, mask, None, scale=scale, is_causal=False)
         else:
             out = attend(q, k, v, mask, scale=scale, impl="plain")
-    out = jnp.where(valid, out, jnp.zeros((), out.dtype))
+    if layout.ok is None:
+        return out
     return jnp.where(layout.ok[:, None, None, None], out, jnp.full((), jnp.nan, out.dtype))
 
 

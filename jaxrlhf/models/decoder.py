@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from jaxrlhf.models.attention import (
     Attention,
+    SegmentLayout,
     make_mask,
     resolve_attention_impl,
     segment_layout,
@@ -209,6 +210,11 @@ class Decoder(nn.Module):
             x = x + pos_table(positions + s.learned_pos_offset).astype(x.dtype)
         if s.embed_norm:
             x = Norm(s.norm_type, s.norm_eps, name="embed_norm")(x)
+        if isinstance(attn_mask, SegmentLayout) and attn_mask.ok is not None:
+            # a row that breaks the segment contract is NaN from its embeddings on (one select here instead
+            # of one on every layer's attention output, forward and backward)
+            x = jnp.where(attn_mask.ok[:, None, None], x, jnp.full((), jnp.nan, x.dtype))
+            attn_mask = attn_mask._replace(ok=None)
         x = constrain(x, ACT)
 
         rope = bias = None

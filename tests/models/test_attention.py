@@ -134,16 +134,17 @@ def test_decoder_auto_and_fused_equal_plain_logits(name):
 
 
 def _runs_reference(seg_row):
-    """(lengths, starts) of the runs of one nonzero id, in numpy."""
-    runs, starts, prev = [], [], 0
+    """(lengths, starts, real runs) of one row, in numpy: a run of one nonzero id, with the padding after it;
+    padding before the first real token is a run of its own."""
+    runs, starts, prev, real = [], [], 0, 0
     for j, x in enumerate(seg_row):
-        if x != 0 and x != prev:
+        if (x != 0 and x != prev) or j == 0:
             runs.append(0)
             starts.append(j)
-        if x != 0:
-            runs[-1] += 1
+            real += int(x != 0)
+        runs[-1] += 1
         prev = x
-    return runs, starts
+    return runs, starts, real
 
 
 @given(seed=st.integers(0, 10_000), m=st.integers(1, 5))
@@ -163,31 +164,37 @@ def test_segment_layout_equals_numpy_runs(seed, m):
     cols = max(m, 2)
     assert lay.seqlen.shape == (b, cols) and lay.offsets.shape == (b, cols + 1)
     for i in range(b):
-        lengths, starts = _runs_reference(seg[i])
-        ok = len(lengths) <= m
+        lengths, starts, real = _runs_reference(seg[i])
+        ok = real <= m and len(lengths) <= cols
         assert bool(lay.ok[i]) == ok
-        k = min(len(lengths), cols)
-        want_len = (lengths[:k] + [-1] * cols)[:cols] if ok else None
         if ok:
-            np.testing.assert_array_equal(np.asarray(lay.seqlen[i]), want_len)
-            want_off = (starts + [-1] * (cols + 1))[: cols + 1]
-            np.testing.assert_array_equal(np.asarray(lay.offsets[i]), want_off)
-        # the dense view equals make_mask's for the same rows (positions restart per run)
-        if ok:
+            np.testing.assert_array_equal(np.asarray(lay.seqlen[i]), (lengths + [-1] * cols)[:cols])
+            np.testing.assert_array_equal(
+                np.asarray(lay.offsets[i]), (starts + [-1] * (cols + 1))[: cols + 1]
+            )
+            assert sum(lengths) == t  # every slot lies in a segment
+            # for the real tokens the dense view equals make_mask's (positions restart per run); they never
+            # see a padding slot
             pos = np.zeros(t, np.int32)
             for j in range(1, t):
                 pos[j] = pos[j - 1] + 1 if seg[i, j] != 0 and seg[i, j] == seg[i, j - 1] else 0
             want = make_mask(jnp.arange(t), jnp.arange(t), jnp.asarray(seg[i : i + 1] != 0), None, None, None,
                              jnp.asarray(seg[i : i + 1]), jnp.asarray(seg[i : i + 1]))  # fmt: skip
-            np.testing.assert_array_equal(np.asarray(lay.dense_mask()[i : i + 1]), np.asarray(want))
+            real_q = seg[i] != 0
+            got = np.asarray(lay.dense_mask()[i, 0])
+            np.testing.assert_array_equal(got[real_q], np.asarray(want)[0, 0][real_q])
+            assert got.any(axis=1).all()  # every query (padding too) sees at least itself: finite outputs
 
 
 def test_segment_layout_flags_repeated_ids_and_overflow():
     seg = jnp.asarray([[1, 1, 2, 2, 1, 0], [1, 0, 1, 1, 2, 2], [1, 2, 3, 4, 0, 0], [0, 0, 1, 1, 1, 0]])
     lay = attention.segment_layout(seg, 3)
     np.testing.assert_array_equal(np.asarray(lay.ok), [False, False, False, True])  # id 1 twice x2; 4 runs
-    np.testing.assert_array_equal(np.asarray(lay.offsets[3]), [2, -1, -1, -1])  # left padding: an offset
-    np.testing.assert_array_equal(np.asarray(lay.seqlen[3]), [3, -1, -1])
+    np.testing.assert_array_equal(np.asarray(lay.offsets[3]), [0, 2, -1, -1])  # left padding: a run
+    np.testing.assert_array_equal(np.asarray(lay.seqlen[3]), [2, 4, -1])  # the tail joins the last run
+    # a left-padded row with max_segments (>= 2) real runs needs one column too many
+    lay = attention.segment_layout(jnp.asarray([[0, 1, 1, 2, 2, 0]]), 2)
+    np.testing.assert_array_equal(np.asarray(lay.ok), [False])
 
 
 @pytest.mark.parametrize("name", ["llama3", "mistral"])
