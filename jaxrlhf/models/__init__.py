@@ -181,7 +181,7 @@ def forward(
     cache: dict | None = None,
     compute_dtype: Any = None,
     attention_impl: str = "plain",
-    remat: str = "auto",
+    remat: str = "none",
     dropout_rng: jax.Array | None = None,
     max_segments: int | None = None,
     pair_layout: PairLayout | None = None,
@@ -193,11 +193,6 @@ def forward(
     ``positions`` too). ``lora`` mirrors the params paths of adapted Dense layers; ``lora_config.scale`` /
     ``.dropout`` apply (dropout only with ``dropout_rng``). ``compute_dtype`` (e.g. bf16) casts params and
     activations at use; logits are float32. Returns ``ForwardOutput(logits, hidden, cache, None)``.
-
-    ``remat`` (what a gradient pass recomputes instead of keeping): ``auto`` (default) = ``mlp`` with LoRA
-    adapters, else ``none``; ``mlp`` = the MLP's activation product only (elementwise, one [tokens,
-    intermediate] tensor less per layer); ``save_dots`` = each block keeps its matmul outputs; ``full`` =
-    each block recomputed whole. T5 takes ``save_dots`` / ``full`` (``auto`` / ``mlp`` = none there).
 
     ``max_segments`` (decoder-only training passes, no cache): the caller promises at most that many
     segments per row — runs of one nonzero ``segment_ids`` value (or of ``attention_mask = 1`` without
@@ -246,7 +241,7 @@ def forward(
         compute_dtype=compute_dtype,
         lora_config=lora_config,
         impl=attention_impl,
-        remat=_dec.resolve_remat(remat, bool(lora)),
+        remat=remat,
         max_segments=max_segments,
     )
     variables = {"params": params}

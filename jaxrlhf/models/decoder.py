@@ -57,35 +57,19 @@ def _mlp_tail(down: nn.Module, act: str, gate: jax.Array | None, up: jax.Array) 
     return down(constrain(h, ("batch", "length", "act_mlp")))
 
 
-# remat "mlp" (and "auto" under LoRA): the activation product is recomputed in the backward pass from the
-# projections' outputs (the region's inputs, saved anyway) instead of being saved. The down projection's
-# weight (or LoRA A) gradient needs ``h = act(gate) * up``, and without this XLA keeps h next to gate and up
-# (a third [tokens, intermediate] tensor per layer: 4 GiB of the Llama-3.2-1B step at 8 x 2048), as Liger's
-# SwiGLU kernel recomputes it. Elementwise only: the down projection's matmul is not rerun. It costs one
-# elementwise pass per layer in the backward (~3 ms of the 1.24B full-FT step on an H200), so "auto" takes
-# it where activations are most of the step's memory (LoRA: a frozen bf16 base without optimizer state) and
-# not in full fine-tuning (f32 weights + Adam moments dominate). Forward-only calls are unaffected.
+# The activation product is recomputed in the backward pass from the projections' outputs (the region's
+# inputs, saved anyway) instead of being saved: the down projection's weight (or LoRA A) gradient needs
+# ``h = act(gate) * up``, and without this XLA keeps h next to gate and up under LoRA (a third
+# [tokens, intermediate] tensor per layer: 4 GiB of the Llama-3.2-1B LoRA step at 8 x 2048), as Liger's
+# SwiGLU kernel recomputes it. Elementwise only: the down projection's matmul is not needed by its own
+# backward and is not rerun. Forward-only calls (generation, scoring) are unaffected.
 _checkpointed_tail = nn.remat(_mlp_tail, static_argnums=(1,))
-
-REMAT_CHOICES = ("auto", "none", "mlp", "save_dots", "full")
-
-
-def resolve_remat(remat: str, lora: bool) -> str:
-    """The remat a decoder runs: ``auto`` -> ``mlp`` with LoRA adapters, else ``none``; others as given.
-
-    ``none``: nothing recomputed; ``mlp``: the MLP's activation product (elementwise); ``save_dots``: each
-    block keeps its matmul outputs and recomputes the rest; ``full``: each block is recomputed whole.
-    """
-    if remat not in REMAT_CHOICES:
-        raise ValueError(f"remat must be one of {REMAT_CHOICES}, got {remat!r}")
-    return ("mlp" if lora else "none") if remat == "auto" else remat
 
 
 class MLP(nn.Module):
     spec: ModelSpec
     compute_dtype: Any = None
     lora_config: Any = None
-    recompute: bool = False  # recompute the activation product in the backward (remat "mlp")
 
     @nn.compact
     def __call__(self, x):
@@ -100,7 +84,7 @@ class MLP(nn.Module):
             if s.gated_mlp:
                 gate = Dense(s.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
         down = Dense(x.shape[-1], ("mlp", "embed"), name="down_proj", **kw)
-        return (_checkpointed_tail if self.recompute else _mlp_tail)(down, s.activation, gate, up)
+        return _checkpointed_tail(down, s.activation, gate, up)
 
 
 class Block(nn.Module):
@@ -108,7 +92,6 @@ class Block(nn.Module):
     compute_dtype: Any = None
     lora_config: Any = None
     impl: str = "plain"
-    recompute_mlp: bool = False
 
     @nn.compact
     def __call__(self, x, mask, bias, rope, cache, index, is_causal: bool = False):
@@ -126,7 +109,7 @@ class Block(nn.Module):
             window=s.sliding_window,
             name="attn",
         )
-        mlp = MLP(s, self.compute_dtype, self.lora_config, self.recompute_mlp, name="mlp")
+        mlp = MLP(s, self.compute_dtype, self.lora_config, name="mlp")
         if s.pre_norm:
             hn = norm1(x)
             a, new_cache = attn(hn, mask, bias, rope, cache, index, is_causal)
@@ -147,7 +130,7 @@ class Decoder(nn.Module):
     compute_dtype: Any = None
     lora_config: Any = None
     impl: str = "plain"
-    remat: str = "auto"
+    remat: str = "none"
     max_segments: int | None = None
 
     @nn.compact
@@ -247,15 +230,14 @@ class Decoder(nn.Module):
             bias = alibi_slopes(s.num_heads)[None, :, None, None] * key_pos
 
         block_cls = Block
-        remat = resolve_remat(self.remat, self.lora_config is not None)
-        if remat in _REMAT_POLICIES:
-            block_cls = nn.remat(Block, policy=_REMAT_POLICIES[remat], static_argnums=(7,))
+        if self.remat != "none":
+            if self.remat not in _REMAT_POLICIES:
+                raise ValueError(f"remat must be 'none', 'full' or 'save_dots', got {self.remat!r}")
+            block_cls = nn.remat(Block, policy=_REMAT_POLICIES[self.remat], static_argnums=(7,))
         layer_caches = []
         for i in range(s.num_layers):
             layer_cache = None if cache is None else cache["layers"][i]
-            block = block_cls(
-                s, self.compute_dtype, self.lora_config, impl, remat == "mlp", name=f"layers_{i}"
-            )
+            block = block_cls(s, self.compute_dtype, self.lora_config, impl, name=f"layers_{i}")
             x, c = block(x, attn_mask, bias, rope, layer_cache, index, is_causal)
             layer_caches.append(c)
 

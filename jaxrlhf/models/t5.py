@@ -46,10 +46,10 @@ _REMAT = {
 
 
 def _remat(fn, remat: str):
-    if remat in ("none", "auto", "mlp"):  # the decoder-only MLP recompute has no T5 counterpart
+    if remat == "none":
         return fn
     if remat not in _REMAT:
-        raise ValueError(f"remat must be 'auto', 'none', 'mlp', 'save_dots' or 'full', got {remat!r}")
+        raise ValueError(f"remat must be 'none', 'full' or 'save_dots', got {remat!r}")
     return jax.checkpoint(fn, policy=_REMAT[remat])
 
 
@@ -104,7 +104,7 @@ def encode(
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     attention_impl: str = "plain",
-    remat: str = "auto",
+    remat: str = "none",
 ) -> jax.Array:
     """Encoder outputs [B,S,E] (after the final norm) for ``input_ids`` [B,S] and ``attention_mask`` [B,S].
 
@@ -146,7 +146,7 @@ def forward(
     cache: dict | None = None,
     compute_dtype=None,
     attention_impl: str = "plain",
-    remat: str = "auto",
+    remat: str = "none",
     dropout_rng: jax.Array | None = None,
     positions: tuple | None = None,
     segment_ids: tuple | None = None,

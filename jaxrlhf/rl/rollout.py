@@ -200,7 +200,7 @@ def completion_logprobs(
     return_entropy: bool = False,
     return_hidden: bool = False,
     dropout_rng: jax.Array | None = None,
-    remat: str = "auto",
+    remat: str = "none",
 ):
     """Per-token log-probs ``[R, N]`` of the completions (math in the module docstring); 0 where masked.
 
@@ -208,8 +208,7 @@ def completion_logprobs(
     extras in that order; ``hidden`` are the final hidden states at the completion positions (what a value
     head on this backbone reads). Decoder-only prompts must be left-padded (as ``GenerateResult.prompt_ids``
     are): position ``P - 1`` predicts the first completion token. ``dropout_rng`` enables LoRA dropout;
-    ``remat`` (``auto`` / ``none`` / ``mlp`` / ``save_dots`` / ``full``, as ``models.forward``) is what a
-    gradient pass recomputes.
+    ``remat`` (``none`` / ``full`` / ``save_dots``) rematerialises the blocks in a gradient pass.
     """
     valid = mask > 0
     fkw = dict(

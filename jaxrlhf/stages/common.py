@@ -33,9 +33,7 @@ class ModelConfig:
 
     ``dtype``: parameter dtype; ``compute_dtype``: activation dtype (e.g. bfloat16 over f32 master weights).
     ``attention_impl``: ``auto`` = the fused (cuDNN) kernel where it serves the dtype and device, the plain
-    path elsewhere (the choice is logged); ``plain`` / ``fused`` force one. ``remat``: what the backward
-    recomputes instead of keeping (``models.forward``): ``auto`` = the MLP's activation product under LoRA,
-    nothing in full fine-tuning; ``none``, ``mlp``, ``save_dots`` (keep matmul outputs), ``full``.
+    path elsewhere (the choice is logged); ``plain`` / ``fused`` force one.
     """
 
     path: str | None = None
@@ -43,7 +41,7 @@ class ModelConfig:
     hf_config: dict[str, Any] | None = None
     dtype: str = "float32"
     compute_dtype: str | None = None
-    remat: Literal["auto", "none", "mlp", "save_dots", "full"] = "auto"
+    remat: Literal["none", "full", "save_dots"] = "none"
     attention_impl: Literal["auto", "plain", "fused"] = "auto"
 
 

@@ -236,10 +236,9 @@ def test_lora_delta_equals_merged_weights():
 @pytest.mark.parametrize("name", ["llama3", "opt"])
 @pytest.mark.parametrize("lora", [False, True])
 def test_mlp_backward_keeps_only_the_projection_outputs(name, lora, capsys):
-    """remat "mlp" (and the default "auto" under LoRA): per layer the backward keeps the MLP's up (and gate)
-    projection outputs, not the product fed to the down projection (recomputed elementwise from them, as
-    Liger's SwiGLU does), with LoRA (whose down-projection A gradient needs that product) and in full
-    fine-tuning; "auto" in full fine-tuning and "none" keep the product too."""
+    """Per layer the backward keeps the MLP's up (and gate) projection outputs, not the activation or the
+    product fed to the down projection (recomputed elementwise from them, as Liger's SwiGLU does): with
+    LoRA, whose down-projection A gradient needs that product, and in full fine-tuning."""
     from jax.ad_checkpoint import print_saved_residuals
 
     spec, params = _model(name)
@@ -250,33 +249,21 @@ def test_mlp_backward_keeps_only_the_projection_outputs(name, lora, capsys):
     down = {"lora_a": jnp.ones((inter, r)) * 0.01, "lora_b": jnp.ones((r, spec.hidden_size)) * 0.01}
     adapters = {f"layers_{i}": {"mlp": {"down_proj": down}} for i in range(spec.num_layers)}
     cfg = _Lora(scale=2.0)
-    values = []
-    for remat in ("mlp", "auto", "none"):
 
-        def loss(trainable, remat=remat):
-            base, ad = (params, trainable) if lora else (trainable, None)
-            out = models.forward(spec, base, ids, lora=ad, lora_config=cfg, remat=remat)
-            return jnp.mean(out.logits**2)
+    def loss(trainable):
+        base, ad = (params, trainable) if lora else (trainable, None)
+        return jnp.mean(models.forward(spec, base, ids, lora=ad, lora_config=cfg).logits ** 2)
 
-        capsys.readouterr()
-        print_saved_residuals(loss, adapters if lora else params)  # "f32[2,8,48] output of add from ..."
-        lines = capsys.readouterr().out.splitlines()
-        # activations [B, T, I] (the frozen weights are constants, the trainable ones arguments)
-        shapes = [x.split(" ")[0] for x in lines]
-        wide = [x for x in shapes if x.endswith(f",{inter}]") and x.count(",") == 2]
-        per_layer = 2 if spec.gated_mlp else 1  # gate and up, or up
-        recomputed = remat == "mlp" or (remat == "auto" and lora)
-        if recomputed:
-            assert len(wide) == per_layer * spec.num_layers, (remat, wide)
-        else:  # the product and the activation's own residuals (XLA later fuses some of them away)
-            assert len(wide) > per_layer * spec.num_layers, (remat, wide)
-        v, g = jax.value_and_grad(loss)(adapters if lora else params)
-        assert bool(jnp.isfinite(v)) and all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(g))
-        values.append((v, g))
-    # and the values and gradients are the plain composition's, whichever is recomputed
-    for v, g in values[1:]:
-        np.testing.assert_allclose(float(v), float(values[0][0]), rtol=1e-6)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g, values[0][1])
+    capsys.readouterr()
+    print_saved_residuals(loss, adapters if lora else params)  # "f32[2,8,48] output of add from ..." lines
+    lines = capsys.readouterr().out.splitlines()
+    # activations [B, T, I] (the frozen weights are constants, the trainable ones arguments)
+    wide = [x for x in lines if x.split(" ")[0].endswith(f",{inter}]") and x.split(" ")[0].count(",") == 2]
+    per_layer = 2 if spec.gated_mlp else 1  # gate and up, or up
+    assert len(wide) == per_layer * spec.num_layers, wide
+    # and the values and gradients are those of the plain composition
+    v, g = jax.value_and_grad(loss)(adapters if lora else params)
+    assert bool(jnp.isfinite(v)) and all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(g))
 
 
 def test_param_tree_names_and_axes():
