@@ -37,7 +37,7 @@ differentiated (LoRA: frozen heads cost no weight-gradient matmul).
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -117,9 +117,18 @@ class _Chunks:
         return jax.lax.fori_loop(0, tail, lambda j, a: body((full * c + j * s, s), a), carry)
 
 
-def _z(h, w, bias, inv_temp, dtype):
-    """The chunk's logits ``[B, C, V]`` in float32, from a matmul that writes ``dtype``."""
-    z = jnp.einsum("bce,ev->bcv", h, w, preferred_element_type=dtype).astype(jnp.float32)
+class _Head(NamedTuple):
+    """Static settings of the head matmuls: what the logits matmul writes, and the kernel's layout
+    (``vocab_major``: ``W [V, E]``, e.g. a tied embedding used as it is stored; else ``[E, V]``)."""
+
+    dtype: Any
+    vocab_major: bool
+
+
+def _z(h, w, bias, inv_temp, head: _Head):
+    """The chunk's logits ``[B, C, V]`` in float32, from a matmul that writes ``head.dtype``."""
+    eq = "bce,ve->bcv" if head.vocab_major else "bce,ev->bcv"
+    z = jnp.einsum(eq, h, w, preferred_element_type=head.dtype).astype(jnp.float32)
     if bias is not None:
         z = z + bias.astype(jnp.float32)
     return z * inv_temp if inv_temp != 1.0 else z
@@ -150,11 +159,17 @@ def _onehot(z, y):
     return jax.lax.broadcasted_iota(jnp.int32, z.shape, 2) == y[..., None].astype(jnp.int32)
 
 
-def _grads(dz, h, w, bias, need_h, need_w):
-    """``(dh_c, dW_c f32, db_c f32)`` of one chunk from ``dz [B, C, V]`` (rounded to the compute dtype)."""
+def _grads(dz, h, w, bias, need_h, need_w, head: _Head):
+    """``(dh_c, dW_c f32, db_c f32)`` of one chunk from ``dz [B, C, V]`` (rounded to the compute dtype);
+    ``dW`` in the kernel's own layout."""
     dz = dz.astype(h.dtype)
-    dh = jnp.einsum("bcv,ev->bce", dz, w).astype(h.dtype) if need_h else None
-    dw = jnp.einsum("bce,bcv->ev", h, dz, preferred_element_type=jnp.float32) if need_w else None
+    vm = head.vocab_major
+    dh = jnp.einsum("bcv,ve->bce" if vm else "bcv,ev->bce", dz, w).astype(h.dtype) if need_h else None
+    if need_w:
+        dw = jnp.einsum("bcv,bce->ve" if vm else "bce,bcv->ev", *((dz, h) if vm else (h, dz)),
+                        preferred_element_type=jnp.float32)  # fmt: skip
+    else:
+        dw = None
     db = jnp.sum(dz.astype(jnp.float32), axis=(0, 1)) if need_w and bias is not None else None
     return dh, dw, db
 
@@ -173,9 +188,11 @@ def next_token_targets(ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array,
     return shift(ids), shift(loss_mask)
 
 
-def _check(hidden, kernel, targets, name):
-    if hidden.ndim != 3 or kernel.ndim != 2 or hidden.shape[-1] != kernel.shape[0]:
-        raise ValueError(f"{name}: hidden [B, T, E] {hidden.shape} and kernel [E, V] {kernel.shape} disagree")
+def _check(hidden, kernel, targets, name, vocab_major=False):
+    e = kernel.shape[1 if vocab_major else 0] if kernel.ndim == 2 else None
+    if hidden.ndim != 3 or kernel.ndim != 2 or hidden.shape[-1] != e:
+        want = "[V, E]" if vocab_major else "[E, V]"
+        raise ValueError(f"{name}: hidden [B, T, E] {hidden.shape} and kernel {want} {kernel.shape} disagree")
     if targets.shape != hidden.shape[:2]:
         raise ValueError(f"{name}: targets {targets.shape} should be hidden's [B, T] {hidden.shape[:2]}")
 
@@ -245,7 +262,7 @@ def _logprobs_bwd(inv_temp, chunk, entropy, zdt, saved, g):
         dz = gl[..., None] * (_onehot(z, yc) - p)
         if entropy:
             dz = dz - ge[..., None] * p * (z - lc[..., None] + ec[..., None])
-        dh, dw, db = _grads(dz * inv_temp, hc, w, bias, need_h, need_w)
+        dh, dw, db = _grads(dz * inv_temp, hc, w, bias, need_h, need_w, zdt)
         return _add(acc, (dw, db)), (ch.put(dhs, dh, i) if need_h else dhs)
 
     acc0 = (
@@ -277,6 +294,7 @@ def chunked_token_logprobs(
     chunk_size: int = DEFAULT_CHUNK_TOKENS,
     return_entropy: bool = False,
     logits_dtype: Any = None,
+    vocab_major: bool = False,
 ):
     """``log softmax((hidden @ kernel + bias) / temperature)[targets]`` ``[B, T]`` f32, chunk by chunk.
 
@@ -284,16 +302,18 @@ def chunked_token_logprobs(
     with ``return_entropy=True``: returns ``(logp, entropy)``); differentiable in ``hidden``, ``kernel`` and
     ``bias``. ``mask [B, T]``: only the positions where it is nonzero are computed; the others are 0 (with no
     gradient). ``logits_dtype``: what the logits matmul writes (None: f32; reductions are f32 either way).
-    Peak extra memory: one chunk's ``[B, C, V]`` logits instead of ``[B, T, V]``.
+    ``vocab_major``: ``kernel`` is ``[V, E]`` (logits ``hidden @ kernel.T``: a tied embedding as stored, with
+    no transposed copy and its gradient in the same layout). Peak extra memory: one chunk's ``[B, C, V]``
+    logits instead of ``[B, T, V]``.
     """
-    _check(hidden, kernel, targets, "chunked_token_logprobs")
+    _check(hidden, kernel, targets, "chunked_token_logprobs", vocab_major)
     if mask is not None and mask.shape != targets.shape:
         raise ValueError(f"chunked_token_logprobs: mask {mask.shape} != targets {targets.shape}")
     if mask is not None:
         mask = jax.lax.stop_gradient(mask)
     logp, ent = _logprobs(
         hidden, kernel, bias, targets, mask, 1.0 / float(temperature), int(chunk_size), bool(return_entropy),
-        jnp.dtype(logits_dtype or jnp.float32),
+        _Head(jnp.dtype(logits_dtype or jnp.float32), bool(vocab_major)),
     )  # fmt: skip
     return (logp, ent) if return_entropy else logp
 
@@ -310,7 +330,7 @@ def _sft_pass(h, w, bias, y, m, smoothing, z_coef, chunk, zdt, need_h, need_w):
     """Sums ``(loss, nll, lse^2, correct)`` over masked tokens, and their loss gradients when asked."""
     ch = _Chunks(h.shape, chunk, m)
     hs, ys, ms = ch.take(h), ch.take(y), ch.take(m)
-    vocab = w.shape[1]
+    vocab = w.shape[0 if zdt.vocab_major else 1]
 
     def body(i, carry):
         sums, grads, dhs = carry
@@ -330,7 +350,7 @@ def _sft_pass(h, w, bias, y, m, smoothing, z_coef, chunk, zdt, need_h, need_w):
             p = jnp.exp(z - lse[..., None])
             dz = p * (1.0 + 2.0 * z_coef * lse)[..., None] - (1.0 - smoothing) * _onehot(z, yc)
             dz = jnp.where(on[..., None], dz - smoothing / vocab, 0.0)
-            dh, dw, db = _grads(dz, hc, w, bias, need_h, need_w)
+            dh, dw, db = _grads(dz, hc, w, bias, need_h, need_w, zdt)
             grads = _add(grads, (dw, db))
             dhs = ch.put(dhs, dh, i) if need_h else dhs
         return tuple(a + s for a, s in zip(sums, new, strict=True)), grads, dhs
@@ -382,6 +402,7 @@ def chunked_sft_loss(
     z_loss: float = 0.0,
     chunk_size: int = DEFAULT_CHUNK_TOKENS,
     logits_dtype: Any = None,
+    vocab_major: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``losses.sft_loss(hidden @ kernel + bias, targets, loss_mask, ...)`` without the ``[B, T, V]`` logits.
 
@@ -389,15 +410,16 @@ def chunked_sft_loss(
     differentiable in ``hidden``, ``kernel`` and ``bias`` (metrics and the mask are not). Gradients are
     computed in the forward pass, one chunk at a time, and scaled by the loss cotangent in the backward. Only
     the positions where ``loss_mask`` is nonzero go through the LM head. ``logits_dtype``: what the logits
-    matmul writes (None: f32; the reductions are f32 either way).
+    matmul writes (None: f32; the reductions are f32 either way). ``vocab_major``: ``kernel`` is ``[V, E]``
+    (as :func:`chunked_token_logprobs`).
     """
-    _check(hidden, kernel, targets, "chunked_sft_loss")
+    _check(hidden, kernel, targets, "chunked_sft_loss", vocab_major)
     if loss_mask.shape != targets.shape:
         raise ValueError(f"chunked_sft_loss: loss_mask {loss_mask.shape} != targets {targets.shape}")
     mask = jax.lax.stop_gradient(loss_mask.astype(jnp.float32))
     loss_sum, nll, zsq, correct = _sft_sums(
         hidden, kernel, bias, targets, mask, float(label_smoothing), float(z_loss), int(chunk_size),
-        jnp.dtype(logits_dtype or jnp.float32),
+        _Head(jnp.dtype(logits_dtype or jnp.float32), bool(vocab_major)),
     )  # fmt: skip
     nll, zsq, correct = jax.lax.stop_gradient((nll, zsq, correct))
     count = jnp.sum(mask)

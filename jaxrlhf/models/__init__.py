@@ -42,6 +42,7 @@ __all__ = [
     "jit_forward",
     "lm_head",
     "lm_head_operands",
+    "lm_head_vocab_major",
     "load_hf_config",
     "load_pretrained",
     "param_axes",
@@ -279,18 +280,27 @@ def lm_head(
     return sharding.constrain(logits, ("batch", "length", "act_vocab")[-logits.ndim :])
 
 
+def lm_head_vocab_major(spec: ModelSpec) -> bool:
+    """Whether the LM head's weight is stored ``[V, E]`` (a tied embedding): pass it as ``vocab_major`` to
+    :func:`lm_head_operands` and the chunked losses, so the kernel is used as stored (no transposed copy)."""
+    return bool(spec.tie_word_embeddings)
+
+
 def lm_head_operands(
-    spec: ModelSpec, params: dict, hidden: jax.Array, *, compute_dtype: Any = None
+    spec: ModelSpec, params: dict, hidden: jax.Array, *, compute_dtype: Any = None, vocab_major: bool = False
 ) -> tuple[jax.Array, jax.Array]:
     """``(h [..., E], kernel [E, V])`` in the compute dtype with ``lm_head(...) ~= h @ kernel`` (f32 acc.).
 
     The operands of the chunked losses (``losses.chunked_token_logprobs`` / ``chunked_sft_loss``), which never
     build the ``[B, T, V]`` logits. T5 rescaling is folded into ``h``; a tied kernel is the embedding
     transposed. Exact for every head except T5's untied head in bf16 (there forward rounds logits to bf16).
+    ``vocab_major``: the kernel as ``[V, E]`` (``lm_head(...) ~= h @ kernel.T``; :func:`lm_head_vocab_major`).
     """
     if spec.is_encoder_decoder:
-        return _t5().lm_head_operands(spec, params, hidden, compute_dtype=compute_dtype)
-    return _dec.lm_head_operands(spec, params, hidden, compute_dtype)
+        return _t5().lm_head_operands(
+            spec, params, hidden, compute_dtype=compute_dtype, vocab_major=vocab_major
+        )
+    return _dec.lm_head_operands(spec, params, hidden, compute_dtype, vocab_major)
 
 
 def jit_forward(spec: ModelSpec, mesh: Mesh, **forward_kwargs: Any):

@@ -261,19 +261,22 @@ class Decoder(nn.Module):
         return logits, hidden, new_cache
 
 
-def lm_head_operands(spec: ModelSpec, params: dict, hidden: jax.Array, compute_dtype: Any = None):
+def lm_head_operands(
+    spec: ModelSpec, params: dict, hidden: jax.Array, compute_dtype: Any = None, vocab_major: bool = False
+):
     """``(h [..., E], kernel [E, V])`` in the compute dtype; logits = ``h @ kernel`` (f32 accumulation).
 
     ``hidden`` is ``ForwardOutput.hidden`` (after the final norm and OPT's ``project_out``); the kernel is
-    ``embed_tokens/embedding`` transposed when tied, else ``lm_head/kernel``.
+    ``embed_tokens/embedding`` transposed when tied, else ``lm_head/kernel``. ``vocab_major``: the kernel
+    as ``[V, E]`` instead (logits = ``h @ kernel.T``).
     """
     if spec.tie_word_embeddings:
         w = params["embed_tokens"]["embedding"]
         dtype = compute_dtype or w.dtype
-        return hidden.astype(dtype), w.astype(dtype).T
+        return hidden.astype(dtype), (w.astype(dtype) if vocab_major else w.astype(dtype).T)
     w = params["lm_head"]["kernel"]
     dtype = compute_dtype or w.dtype
-    return hidden.astype(dtype), w.astype(dtype)
+    return hidden.astype(dtype), (w.astype(dtype).T if vocab_major else w.astype(dtype))
 
 
 def lm_head(spec: ModelSpec, params: dict, hidden: jax.Array, compute_dtype: Any = None) -> jax.Array:

@@ -264,14 +264,19 @@ def lm_head(spec: ModelSpec, params, hidden, *, lora=None, lora_config=None, com
     return _logits(spec, params, hidden.astype(cdt), lora, lora_config, None)
 
 
-def lm_head_operands(spec: ModelSpec, params, hidden, *, compute_dtype=None) -> tuple[jax.Array, jax.Array]:
-    """``(h [..., E], kernel [E, V])`` in the compute dtype, ``logits = h @ kernel`` (rescaled)."""
+def lm_head_operands(
+    spec: ModelSpec, params, hidden, *, compute_dtype=None, vocab_major: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """``(h [..., E], kernel [E, V])`` in the compute dtype, ``logits = h @ kernel`` (rescaled);
+    ``vocab_major``: the kernel as ``[V, E]``."""
     cdt = compute_dtype or params["shared"]["embedding"].dtype
     h = hidden.astype(cdt)
     h = h * (spec.hidden_size**-0.5) if spec.scale_decoder_outputs else h
     if spec.tie_word_embeddings:
-        return h, params["shared"]["embedding"].astype(cdt).T
-    return h, params["lm_head"]["kernel"].astype(cdt)
+        w = params["shared"]["embedding"].astype(cdt)
+        return h, (w if vocab_major else w.T)
+    w = params["lm_head"]["kernel"].astype(cdt)
+    return h, (w.T if vocab_major else w)
 
 
 def _logits(spec: ModelSpec, params, hidden, lora, lora_config, rng) -> jax.Array:

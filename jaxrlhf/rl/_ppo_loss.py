@@ -73,9 +73,12 @@ def ptx_nll_sum(
             segment_ids=batch.get("segment_ids"), **kw,
         )  # fmt: skip
         # the head + cross-entropy in chunks over the loss positions only (no [B, T, V] f32 logits)
-        h, kernel = models.lm_head_operands(spec, params, out.hidden, compute_dtype=compute_dtype)
+        vm = models.lm_head_vocab_major(spec)
+        h, kernel = models.lm_head_operands(
+            spec, params, out.hidden, compute_dtype=compute_dtype, vocab_major=vm
+        )
         targets, mask = losses.next_token_targets(batch["input_ids"], batch["loss_mask"])
-        _, m = losses.chunked_sft_loss(h, kernel, targets, mask, logits_dtype=compute_dtype)
+        _, m = losses.chunked_sft_loss(h, kernel, targets, mask, logits_dtype=compute_dtype, vocab_major=vm)
         return m["loss_sum"], m["token_count"]
     _, m = losses.sft_loss(logits, targets, mask)
     return m["loss_sum"], m["token_count"]

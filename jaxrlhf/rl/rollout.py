@@ -243,10 +243,11 @@ def completion_logprobs(
         )
         logprobs, entropy = token_logprobs_entropy(logits, tokens, temperature=temperature)
     else:  # the head + log-softmax in chunks of positions: no [R, N, V] f32 logits (values and grads equal)
-        h, kernel = models.lm_head_operands(spec, params, hidden, compute_dtype=compute_dtype)
+        vm = models.lm_head_vocab_major(spec)
+        h, kernel = models.lm_head_operands(spec, params, hidden, compute_dtype=compute_dtype, vocab_major=vm)
         out = chunked_token_logprobs(  # f32 logits: the PPO ratio compares these across passes
             h, kernel, tokens.astype(jnp.int32), mask=valid, temperature=temperature,
-            return_entropy=return_entropy,
+            return_entropy=return_entropy, vocab_major=vm,
         )  # fmt: skip
         logprobs, entropy = out if return_entropy else (out, None)
     logprobs = jnp.where(valid, logprobs, 0.0)

@@ -144,12 +144,13 @@ def _packed_pair_logps(spec, params, batch, shape: PairShape, **forward_kwargs):
     """``pair_logps`` of decoder-only pairs through :func:`pack_pairs` rows (see there)."""
     ids, loss, layout, out = forward_pairs(spec, params, batch, shape, **forward_kwargs)
     cdt = forward_kwargs.get("compute_dtype")
-    h, kernel = models.lm_head_operands(spec, params, out.hidden, compute_dtype=cdt)
+    vm = models.lm_head_vocab_major(spec)
+    h, kernel = models.lm_head_operands(spec, params, out.hidden, compute_dtype=cdt, vocab_major=vm)
     targets, tmask = losses.next_token_targets(ids, loss)
     t = jnp.arange(ids.shape[1])[None, :]
     a = layout.split[:, None]
     tmask = jnp.where(t == a - 1, 0, tmask)  # chosen's last slot does not predict the rejected response
-    lp = losses.chunked_token_logprobs(h, kernel, targets, mask=tmask, logits_dtype=cdt)
+    lp = losses.chunked_token_logprobs(h, kernel, targets, mask=tmask, logits_dtype=cdt, vocab_major=vm)
     lp = jnp.where(tmask > 0, lp, 0.0)
     # rejected's token at s (its first after the shared prompt) is predicted by the prompt's last slot
     s = layout.shared
@@ -205,10 +206,11 @@ def pair_logps(
         # are dead code under jit); position t predicts token t + 1, the last position predicts nothing
         out = models.forward(spec, params, ids, attn, **forward_kwargs)
         cdt = forward_kwargs.get("compute_dtype")
-        h, kernel = models.lm_head_operands(spec, params, out.hidden, compute_dtype=cdt)
+        vm = models.lm_head_vocab_major(spec)
+        h, kernel = models.lm_head_operands(spec, params, out.hidden, compute_dtype=cdt, vocab_major=vm)
         targets, tmask = losses.next_token_targets(ids, mask)
         # only the completion positions go through the head (logits in the compute dtype, f32 softmax)
-        lp = losses.chunked_token_logprobs(h, kernel, targets, mask=tmask, logits_dtype=cdt)
+        lp = losses.chunked_token_logprobs(h, kernel, targets, mask=tmask, logits_dtype=cdt, vocab_major=vm)
     tmask = tmask.astype(jnp.float32)
     return jnp.sum(jnp.where(tmask > 0, lp, 0.0), axis=1), jnp.sum(tmask, axis=1)
 

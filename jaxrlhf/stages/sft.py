@@ -137,13 +137,16 @@ def make_loss_fn(
             # the head + loss in sequence chunks (no [B, T, V] f32 logits; forward's unused logits are
             # dead code under jit): position t predicts token t + 1, the last position has no target
             ids, lmask = batch["input_ids"], batch["loss_mask"]
-            h, kernel = models.lm_head_operands(spec, base, out.hidden, compute_dtype=compute_dtype)
+            vm = models.lm_head_vocab_major(spec)  # a tied embedding is used as stored ([V, E])
+            h, kernel = models.lm_head_operands(
+                spec, base, out.hidden, compute_dtype=compute_dtype, vocab_major=vm
+            )
             targets, mask = losses.next_token_targets(ids, lmask)
             # only the loss positions go through the head; its logits come out in the compute dtype (as
             # an autocast LM head's), the softmax reductions run in f32
             loss, lm = losses.chunked_sft_loss(
                 h, kernel, targets, mask, label_smoothing=t.label_smoothing, z_loss=t.z_loss,
-                logits_dtype=compute_dtype,
+                logits_dtype=compute_dtype, vocab_major=vm,
             )  # fmt: skip
             return loss, {"accuracy": lm["accuracy"], "nll": lm["nll"], "weight": lm["token_count"]}
         loss, lm = losses.sft_loss(logits, targets, mask, label_smoothing=t.label_smoothing, z_loss=t.z_loss)

@@ -263,3 +263,34 @@ def test_bf16_logits_equal_plain_loss_on_bf16_rounded_logits(bias):
     g = jax.grad(lambda h: losses.chunked_sft_loss(h, w, y, m, bias=b, logits_dtype=jnp.bfloat16)[0])(h)
     g_ref = jax.grad(lambda h: losses.sft_loss(_plain_logits(h, w, b), y, m)[0])(h)
     _close(g, g_ref, 3e-2)  # the gradient of the bf16-rounded head is the head's gradient at bf16 precision
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_vocab_major_kernel_equals_the_transposed_one(masked):
+    """``vocab_major=True`` with ``W [V, E]`` gives the values and gradients of ``W.T`` in the default
+    ``[E, V]`` layout (gradient in ``[V, E]``), for the SFT loss and the log-probs with entropy; a kernel
+    whose E does not match is named in the error."""
+    r = np.random.default_rng(4)
+    b, t, e, v = 2, 37, 8, 50
+    h = jnp.asarray(r.normal(size=(b, t, e)), jnp.float32)
+    w = jnp.asarray(r.normal(size=(v, e)), jnp.float32)
+    y = jnp.asarray(r.integers(0, v, (b, t)))
+    m = jnp.asarray(r.random((b, t)) < 0.6, jnp.float32) if masked else jnp.ones((b, t), jnp.float32)
+
+    def sft(h, w, vm):
+        return losses.chunked_sft_loss(h, w, y, m, chunk_size=16, label_smoothing=0.1, vocab_major=vm)[0]
+
+    def lp(h, w, vm):
+        lp_, ent = losses.chunked_token_logprobs(
+            h, w, y, mask=m if masked else None, chunk_size=16, return_entropy=True, vocab_major=vm
+        )
+        return jnp.sum(lp_) + 0.5 * jnp.sum(ent)
+
+    for f in (sft, lp):
+        a, (ga_h, ga_w) = jax.value_and_grad(f, (0, 1))(h, w, True)
+        c, (gc_h, gc_w) = jax.value_and_grad(f, (0, 1))(h, w.T, False)
+        np.testing.assert_allclose(float(a), float(c), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(ga_h), np.asarray(gc_h), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(ga_w), np.asarray(gc_w).T, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"kernel \[V, E\]"):
+        losses.chunked_sft_loss(h, w.T, y, m, vocab_major=True)

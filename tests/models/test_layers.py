@@ -116,6 +116,10 @@ def test_lm_head_on_hidden_equals_forward_logits(name, dtype):
     via = jnp.einsum("...e,ev->...v", h, kernel, preferred_element_type=jnp.float32)
     tol = 2e-2 if dtype is not None and name == "t5_untied" else 1e-5  # T5's untied head rounds to bf16
     np.testing.assert_allclose(np.asarray(via), np.asarray(out.logits), rtol=tol, atol=tol)
+    # vocab-major: the same kernel as [V, E]; a tied head is the embedding as stored
+    _, kv = models.lm_head_operands(spec, params, out.hidden, compute_dtype=dtype, vocab_major=True)
+    np.testing.assert_array_equal(np.asarray(kv), np.asarray(kernel).T)
+    assert models.lm_head_vocab_major(spec) == spec.tie_word_embeddings
 
 
 def test_lm_head_t5_lora_adapter_equals_forward():
