@@ -159,7 +159,12 @@ def _packed_pair_logps(spec, params, batch, shape: PairShape, **forward_kwargs):
     first = (s >= 1) & (jnp.take_along_axis(r_loss, at, axis=1)[:, 0] > 0)
     h_prev = jnp.take_along_axis(h, jnp.maximum(s - 1, 0)[:, None, None], axis=1)  # [B, 1, E]
     lp_first = losses.chunked_token_logprobs(
-        h_prev, kernel, jnp.take_along_axis(r_ids, at, axis=1), mask=first[:, None], logits_dtype=cdt
+        h_prev,
+        kernel,
+        jnp.take_along_axis(r_ids, at, axis=1),
+        mask=first[:, None],
+        logits_dtype=cdt,
+        vocab_major=vm,
     )[:, 0]
     chosen = jnp.sum(jnp.where(t < a - 1, lp, 0.0), axis=1)
     rejected = jnp.sum(jnp.where(t >= a, lp, 0.0), axis=1) + jnp.where(first, lp_first, 0.0)
