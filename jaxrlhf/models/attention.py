@@ -149,7 +149,7 @@ def segment_layout(segments: jax.Array, max_segments: int) -> SegmentLayout:
     valid = seg != 0
     prev = jnp.pad(seg[:, :-1], ((0, 0), (1, 0)))
     start = valid & (seg != prev)
-    lead = jnp.zeros((b, t), bool).at[:, 0].set(~valid[:, 0])  # leading padding: a run of its own
+    lead = (jnp.arange(t) == 0)[None, :] & ~valid  # leading padding: a run of its own
     begin = start | lead
     run = jnp.cumsum(begin, axis=1, dtype=jnp.int32)
     n_runs = run[:, -1]
