@@ -115,7 +115,7 @@ def profile_decode(args) -> dict:
     if not args.pad_single_row:
         generation._MIN_DECODE_ROWS.clear()
     m, rcfg, pids, pmask, _ = generation._setup(
-        spec, ids, jnp.ones_like(ids), cfg, None, None, dtype, dtype, "plain", None, bool(args.fuse)
+        spec, ids, jnp.ones_like(ids), cfg, None, None, dtype, dtype, args.attention, None, bool(args.fuse)
     )
 
     def run(steps):
@@ -233,6 +233,7 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--attention", default="plain", help="decode: attention_impl (plain / fused / auto)")
     p.add_argument("--fuse", type=int, default=1, help="decode: fuse q/k/v and gate/up projections (1/0)")
     p.add_argument("--pad-single-row", type=int, default=1, help="decode: batch 1 as two rows on GPU (1/0)")
     p.add_argument("--stage-config", default=None, help="sft: the SFT stage's own step (a config)")
@@ -264,6 +265,12 @@ def main() -> None:
     if args.dump:
         with open(args.dump + ".json", "w") as f:
             json.dump(out, f)
+        if hlo_dir:  # the largest optimized module (the step / the loop), gzipped beside the JSON
+            dumps = glob.glob(os.path.join(hlo_dir, "*after_optimizations.txt"))
+            if dumps:
+                biggest = max(dumps, key=os.path.getsize)
+                with open(biggest, "rb") as f, gzip.open(args.dump + ".hlo.gz", "wb") as g:
+                    g.write(f.read())
     out.pop("all_kernels")
     print(json.dumps(out), flush=True)
 

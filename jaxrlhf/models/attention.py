@@ -9,7 +9,9 @@ reshaped to ``[B, T, K, G, D]`` and contracted against ``[B, S, K, D]``. The fus
 ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU for bf16/fp16, XLA elsewhere).
 ``impl="auto"`` (:func:`resolve_attention_impl`) picks the fused kernel where cuDNN serves it (GPU, bf16 /
 fp16) and the plain path elsewhere, logging the choice once; a cuDNN refusal at trace time falls back to
-XLA's fused implementation with a warning, never silently.
+XLA's fused implementation with a warning, never silently. A decode step on the fused path (one query token
+over the KV cache, GPU, bf16 / fp16) runs the Pallas kernel of :mod:`jaxrlhf.models._decode_attention`:
+scores, softmax and the value product in one pass over the cache.
 
 Packed and padded rows on the fused path (:func:`segment_layout`): instead of a dense ``[B, 1, T, S]`` mask
 (which makes cuDNN read a bias and run every score block, causal or not), the kernel takes each row's
@@ -42,6 +44,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxrlhf.models import _decode_attention
 from jaxrlhf.models.layers import Dense, apply_rope
 from jaxrlhf.sharding import constrain
 
@@ -335,7 +338,9 @@ def attend(
     ``mask`` broadcasts to ``[B, 1, T, S]`` (True = visible), or is a :class:`SegmentLayout` (self-attention,
     no bias: causal within each segment) or a :class:`PairLayout` (self-attention of shared-prefix
     pairs); ``bias`` to ``[B, H, T, S]`` (added to the scaled scores, float32). ``is_causal`` lets the
-    fused path use the kernel's own causal mask when ``mask`` is None. Scores and softmax are float32; the
+    fused path use the kernel's own causal mask when ``mask`` is None. The fused path runs a one-token
+    query over a cache (T == 1, a mask, no bias) through the decode kernel of
+    :mod:`jaxrlhf.models._decode_attention` on a GPU. Scores and softmax are float32; the
     value product is in v's dtype.
     """
     impl = resolve_attention_impl(impl, q.dtype)
@@ -344,6 +349,8 @@ def attend(
     if isinstance(mask, SegmentLayout):
         return _segmented(q, k, v, mask, scale=scale, impl=impl, window=window)
     if impl == "fused":
+        if bias is None and mask is not None and _decode_kernel_serves(q, k):
+            return _decode_attention.decode_attention(q, k, v, mask, scale=scale)
         return _fused(q, k, v, mask, bias, scale=scale, is_causal=is_causal)
     b, t, h, d = q.shape
     kv = k.shape[2]
@@ -360,6 +367,19 @@ def attend(
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
+
+
+def _decode_kernel_serves(q, k) -> bool:
+    """A one-token query over a cache on a GPU in bf16 / fp16: the fused decode kernel
+    (:mod:`jaxrlhf.models._decode_attention`) instead of cuDNN; logged once per shape."""
+    if jax.default_backend() != "gpu" or not _decode_attention.supported(q.shape, k.shape, q.dtype):
+        return False
+    _log_once(
+        logging.INFO, ("decode", q.shape, k.shape, q.dtype.name),
+        "attention: decode step q %s over cache %s %s -> the fused decode kernel", q.shape, k.shape,
+        q.dtype.name,
+    )  # fmt: skip
+    return True
 
 
 def _fused(q, k, v, mask, bias, *, scale, is_causal):

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jaxrlhf import models
-from jaxrlhf.models import attention
+from jaxrlhf.models import _decode_attention, attention
 from jaxrlhf.models.attention import attend, make_mask, resolve_attention_impl
 from jaxrlhf.models.spec import ModelSpec
 
@@ -114,6 +114,59 @@ def test_fused_xla_equals_plain_with_mask_and_bias(with_bias):
     fused = attend(q, k, v, mask, bias, scale=0.35, impl="fused")
     real = np.asarray(seg != 0)  # padded queries attend to nothing: their outputs are not compared
     np.testing.assert_allclose(np.asarray(fused)[real], np.asarray(plain)[real], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "b,s,h,kv,d", [(3, 64, 8, 2, 16), (2, 48, 4, 4, 32), (2, 32, 16, 1, 16), (1, 272, 4, 1, 64)]
+)
+def test_decode_kernel_equals_plain(b, s, h, kv, d):
+    """The Pallas decode kernel (interpreted on CPU) == the plain path: random masks, a fully masked row
+    (the plain softmax's uniform average over -1e30 scores), GQA / MHA / MQA, S not a multiple of 64."""
+    q, k, v = _qkv(b * s + h, b=b, t=1, s=s, h=h, k=kv, d=d)
+    r = np.random.default_rng(s)
+    mask = jnp.asarray(r.random((b, 1, 1, s)) < 0.6).at[-1].set(False)
+    ref = attend(q, k, v, mask, scale=d**-0.5, impl="plain")
+    got = _decode_attention.decode_attention(q, k, v, mask, scale=d**-0.5, interpret=True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-6)
+    # bf16: within the plain path's own bf16 rounding of the probabilities
+    qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    ref_b = attend(qb, kb, vb, mask, scale=d**-0.5, impl="plain")
+    got_b = _decode_attention.decode_attention(qb, kb, vb, mask, scale=d**-0.5, interpret=True)
+    assert got_b.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got_b, np.float32), np.asarray(ref_b, np.float32), atol=2e-2)
+
+
+def test_decode_kernel_dispatch(monkeypatch, caplog):
+    """``attend(impl="fused")`` sends a one-token bf16 query with a mask on a GPU to the decode kernel
+    (logged once), and keeps cuDNN / XLA for prompts, biases, f32 and head dims the kernel does not serve."""
+    calls = []
+    real = _decode_attention.decode_attention
+
+    def interpreted(q, k, v, mask, *, scale):
+        calls.append(q.shape)
+        return real(q, k, v, mask, scale=scale, interpret=True)
+
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(_decode_attention, "decode_attention", interpreted)
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(3, t=1, s=32, d=16))
+    mask = jnp.ones((2, 1, 1, 32), bool).at[0, ..., :5].set(False)
+    with caplog.at_level(logging.INFO, logger="jaxrlhf.attention"):
+        out = attend(q, k, v, mask, scale=0.3, impl="fused")
+        attend(q, k, v, mask, scale=0.3, impl="fused")
+    assert calls == [q.shape, q.shape]
+    assert [r.getMessage() for r in caplog.records if "decode kernel" in r.getMessage()] == [
+        f"attention: decode step q {q.shape} over cache {k.shape} bfloat16 -> the fused decode kernel"
+    ]
+    ref = attend(q, k, v, mask, scale=0.3, impl="plain")
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
+    assert not _decode_attention.supported((2, 4, 4, 8), (2, 32, 2, 8), jnp.bfloat16)  # a prompt (T > 1)
+    assert not _decode_attention.supported((2, 1, 4, 16), (2, 32, 2, 16), jnp.float32)
+    assert not _decode_attention.supported((2, 1, 4, 80), (2, 32, 2, 80), jnp.bfloat16)  # head dim 80
+    assert not _decode_attention.supported((2, 1, 4, 16), (2, 40, 2, 16), jnp.bfloat16)  # S % 16
+    calls.clear()
+    bias = jnp.zeros((2, 4, 1, 32), jnp.float32)
+    attend(q, k, v, mask, bias, scale=0.3, impl="fused")  # ALiBi: the bias path
+    assert calls == []
 
 
 @pytest.mark.parametrize("name", ["llama3", "mistral", "bloom"])
