@@ -17,9 +17,10 @@ last of those chunks runs in windows of ``C / 4`` positions, only as many as the
 rows of ~1,000 loss tokens each, C = 256: 4 chunks + one 64-wide window instead of 5 chunks).
 
 ``z`` is produced by the matmul in ``logits_dtype`` (default float32; the stages pass their compute dtype,
-bf16, as the PyTorch stacks' autocast LM head does) and every reduction runs in float32. Per chunk: one
-(max, argmax) pass, one sum-of-exp pass, the target logit by a gather, and (with gradients) one pass that
-writes ``dz``.
+bf16, as the PyTorch stacks' autocast LM head does) and every reduction runs in float32. Per chunk of the SFT
+loss: one (max, argmax, logsumexp) pass (an online logsumexp in one variadic reduction,
+:func:`_max_argmax_lse`), the target logit by a gather, and (with gradients) one pass that writes ``dz``;
+the log-probs: a max pass and a sum-of-exp pass.
 
 Gradients (custom VJPs), with ``onehot = (v == y)`` and ``a`` the label smoothing, ``zc`` the z-loss weight::
 
@@ -134,21 +135,31 @@ def _z(h, w, bias, inv_temp, head: _Head):
     return z * inv_temp if inv_temp != 1.0 else z
 
 
-def _max_argmax(z: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(max, argmax)`` over the last axis in one variadic reduction (first index on ties, as jnp.argmax)."""
+def _lse(z: jax.Array, zmax: jax.Array) -> jax.Array:
+    return zmax + jnp.log(jnp.sum(jnp.exp(z - zmax[..., None]), axis=-1))
+
+
+def _max_argmax_lse(z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(max, argmax, logsumexp)`` over the last axis in ONE variadic reduction (one read of the chunk's
+    logits instead of a (max, argmax) pass and a sum-of-exp pass).
+
+    Each element enters as ``(z_v, v, 1)``; two partial results ``(m_a, i_a, s_a)``, ``(m_b, i_b, s_b)`` with
+    ``s = sum exp(z - m)`` over their elements combine to ``M = max(m_a, m_b)`` (argmax: the first index on
+    ties, as jnp.argmax) and ``s = s_hi + s_lo exp(m_lo - M)`` (hi: the side holding M; one exp per
+    combination; ``exp(-inf) = 0`` when both sides are still empty). ``lse = M + log s``."""
     idx = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
 
     def pick(a, b):
-        (av, ai), (bv, bi) = a, b
+        (av, ai, as_), (bv, bi, bs) = a, b
         take_b = (bv > av) | ((bv == av) & (bi < ai))
-        return jnp.where(take_b, bv, av), jnp.where(take_b, bi, ai)
+        hi, lo = jnp.maximum(av, bv), jnp.minimum(av, bv)
+        hi_s, lo_s = jnp.where(bv > av, bs, as_), jnp.where(bv > av, as_, bs)
+        scale = jnp.exp(jnp.where(hi == -jnp.inf, -jnp.inf, lo - hi))
+        return jnp.where(take_b, bv, av), jnp.where(take_b, bi, ai), hi_s + lo_s * scale
 
-    init = (jnp.array(-jnp.inf, z.dtype), jnp.array(0, jnp.int32))
-    return jax.lax.reduce((z, idx), init, pick, (z.ndim - 1,))
-
-
-def _lse(z: jax.Array, zmax: jax.Array) -> jax.Array:
-    return zmax + jnp.log(jnp.sum(jnp.exp(z - zmax[..., None]), axis=-1))
+    init = (jnp.array(-jnp.inf, z.dtype), jnp.array(0, jnp.int32), jnp.array(0.0, z.dtype))
+    zmax, best, total = jax.lax.reduce((z, idx, jnp.ones_like(z)), init, pick, (z.ndim - 1,))
+    return zmax, best, zmax + jnp.log(total)
 
 
 def _picked(z: jax.Array, y: jax.Array) -> jax.Array:
@@ -336,8 +347,7 @@ def _sft_pass(h, w, bias, y, m, smoothing, z_coef, chunk, zdt, need_h, need_w):
         sums, grads, dhs = carry
         hc, yc, on = ch.chunk(hs, i), ch.chunk(ys, i), ch.chunk(ms, i) > 0
         z = _z(hc, w, bias, 1.0, zdt)
-        zmax, best = _max_argmax(z)
-        lse = _lse(z, zmax)
+        _, best, lse = _max_argmax_lse(z)
         nll = lse - _picked(z, yc)
         per = nll
         if smoothing:

@@ -59,6 +59,11 @@ def _block(s: int) -> int:
     return block
 
 
+def _dot(a: jax.Array, b: jax.Array, b_contract: int) -> jax.Array:
+    """``a [M, C] . b`` over ``b``'s axis ``b_contract`` (1: ``a @ b.T``), f32 accumulation (Triton's dot)."""
+    return jax.lax.dot_general(a, b, (((1,), (b_contract,)), ((), ())), preferred_element_type=jnp.float32)
+
+
 def _kernel(q_ref, k_ref, v_ref, m_ref, o_ref, *, scale: float, block: int, steps: int):
     """One (row, kv head): q_ref [16, D], k_ref / v_ref [S, D], m_ref [S] int32 (1 = visible), o_ref
     [16, D]."""
@@ -71,7 +76,7 @@ def _kernel(q_ref, k_ref, v_ref, m_ref, o_ref, *, scale: float, block: int, step
         o, m, z = carry
         sl = pl.ds(i * block, block)
         k = k_ref[sl, :]
-        s = pl.dot(q, k.T).astype(jnp.float32) * scale  # [16, block]
+        s = _dot(q, k, 1) * scale  # [16, block]
         visible = m_ref[sl] != 0
         s = jnp.where(visible[None, :], s, jnp.float32(_NEG))
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -79,7 +84,7 @@ def _kernel(q_ref, k_ref, v_ref, m_ref, o_ref, *, scale: float, block: int, step
         alpha = jnp.exp(m - m_new)
         z = z * alpha + jnp.sum(p, axis=1)
         v = v_ref[sl, :]
-        o = o * alpha[:, None] + pl.dot(p.astype(v.dtype), v).astype(jnp.float32)
+        o = o * alpha[:, None] + _dot(p.astype(v.dtype), v, 0)
         return o, m_new, z
 
     init = (

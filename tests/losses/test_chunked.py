@@ -294,3 +294,23 @@ def test_vocab_major_kernel_equals_the_transposed_one(masked):
         np.testing.assert_allclose(np.asarray(ga_w), np.asarray(gc_w).T, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"kernel \[V, E\]"):
         losses.chunked_sft_loss(h, w.T, y, m, vocab_major=True)
+
+
+@given(seed=st.integers(0, 10_000), ties=st.booleans(), masked=st.booleans())
+def test_one_pass_max_argmax_lse_equals_the_three_reductions(seed, ties, masked):
+    """The online (max, argmax, logsumexp) reduction == jnp.max / jnp.argmax (first index on ties) /
+    logsumexp, with tied maxima and -inf entries (an all -inf row: max -inf, argmax 0, lse -inf)."""
+    from jaxrlhf.losses._chunked import _max_argmax_lse
+
+    r = np.random.default_rng(seed)
+    z = r.normal(size=(3, 5, 999)).astype(np.float32) * 4
+    if ties:
+        z = np.round(z)  # many equal values, several tied maxima per row
+    if masked:
+        z[r.random(z.shape) < 0.3] = -np.inf
+        z[1, 2] = -np.inf
+    zmax, best, lse = jax.jit(_max_argmax_lse)(jnp.asarray(z))
+    np.testing.assert_array_equal(np.asarray(zmax), z.max(-1))
+    np.testing.assert_array_equal(np.asarray(best), z.argmax(-1))
+    want = np.asarray(jax.nn.logsumexp(jnp.asarray(z), axis=-1))
+    np.testing.assert_allclose(np.asarray(lse), want, rtol=2e-6, atol=2e-6)
