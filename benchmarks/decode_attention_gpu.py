@@ -114,11 +114,51 @@ def timing(args) -> list[dict]:
     return out
 
 
+def sweep(args) -> list[dict]:
+    """The kernel alone per (largest block, num_warps, num_stages) at the generation benchmark's cache sizes
+    (prompt 128 + 64 .. 256 new slots, batch 64); the last row names the fastest setting over all sizes."""
+    b, h, kv, d = (4, 8, 2, 64) if args.tiny else (64, 32, 8, 64)
+    sizes = (64,) if args.tiny else (192, 256, 320, 384)
+    settings = [(bl, w, st) for bl in (32, 64, 128) for w in (2, 4, 8) for st in (1, 2, 3)]
+    if args.tiny:
+        settings = settings[:2]
+    data = {s: _inputs(b, s, h, kv, d, s) for s in sizes}
+    out, totals = [], {}
+    for setting in settings:
+        row = dict(bench="decode-attention-sweep", setting=list(setting))
+        try:
+            for s in sizes:
+                q, k, v, mask = data[s]
+                fn = _looped(lambda q, k, v, m, sc=d**-0.5, st=setting: _decode_attention.decode_attention(
+                    q, k, v, m, scale=sc, interpret=args.tiny, setting=st))  # fmt: skip
+                jax.block_until_ready(fn(q, k, v, mask))
+                best = min(_timed(fn, q, k, v, mask) for _ in range(3))
+                row[f"us_{s}"] = best / 64 * 1e6
+            totals[setting] = sum(row[f"us_{s}"] for s in sizes)
+        except Exception as e:  # a setting Triton refuses (e.g. out of shared memory)
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        out.append(row)
+    if totals:
+        best = min(totals, key=totals.get)
+        default = totals.get(_decode_attention.DEFAULT_TUNING)
+        out.append(dict(bench="decode-attention-sweep-best", setting=",".join(map(str, best)),
+                        total_us=totals[best], default_total_us=default))  # fmt: skip
+    return out
+
+
+def _timed(fn, *a) -> float:
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*a))
+    return time.perf_counter() - t
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run (Pallas interpreter)")
+    p.add_argument("--sweep", action="store_true", help="time the kernel's block / warps / stages settings")
     args = p.parse_args(argv)
-    for row in parity(args) + timing(args):
+    rows = sweep(args) if args.sweep else parity(args) + timing(args)
+    for row in rows:
         print(json.dumps(row), flush=True)
 
 

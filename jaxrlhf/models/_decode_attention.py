@@ -27,12 +27,14 @@ bias, a power-of-two head dim, S a multiple of 16); everything else keeps the ex
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 
 _NEG = -1e30  # = attention._NEG: masked scores, as the plain path writes them
 _MIN_ROWS = 16  # the Triton dot's smallest M
+DEFAULT_TUNING = (128, 4, 2)  # largest block of slots per loop step, num_warps, num_stages
 
 
 def supported(q_shape: tuple, k_shape: tuple, dtype) -> bool:
@@ -51,12 +53,25 @@ def supported(q_shape: tuple, k_shape: tuple, dtype) -> bool:
     )
 
 
-def _block(s: int) -> int:
-    """The slots per loop step: the largest power of two <= 128 dividing S (S is a multiple of 16)."""
-    block = 128
+def _block(s: int, most: int = 128) -> int:
+    """The slots per loop step: the largest power of two <= ``most`` dividing S (S is a multiple of 16)."""
+    block = most
     while s % block:
         block //= 2
     return block
+
+
+def tuning() -> tuple[int, int, int]:
+    """``(largest block, num_warps, num_stages)`` of the kernel: the defaults, or the benchmarks' sweep
+    override ``JAXRLHF_DECODE_TUNING="block,warps,stages"`` (read at trace time)."""
+    raw = os.environ.get("JAXRLHF_DECODE_TUNING")
+    if not raw:
+        return DEFAULT_TUNING
+    try:
+        block, warps, stages = (int(x) for x in raw.split(","))
+    except ValueError:
+        raise ValueError(f"JAXRLHF_DECODE_TUNING={raw!r}: want 'block,warps,stages', e.g. '64,4,2'") from None
+    return block, warps, stages
 
 
 def _dot(a: jax.Array, b: jax.Array, b_contract: int) -> jax.Array:
@@ -96,14 +111,26 @@ def _kernel(q_ref, k_ref, v_ref, m_ref, o_ref, *, scale: float, block: int, step
     o_ref[...] = (o / z[:, None]).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret"))
 def decode_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float, interpret: bool = False
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    scale: float,
+    interpret: bool = False,
+    setting: tuple[int, int, int] | None = None,
 ) -> jax.Array:
     """Attention of one query token ``q [B, 1, H, D]`` over ``k, v [B, S, K, D]`` -> ``[B, 1, H, D]``.
 
     ``mask`` broadcasts to ``[B, 1, 1, S]`` (True = visible). ``interpret`` runs the kernel in Pallas'
-    interpreter (CPU tests)."""
+    interpreter (CPU tests); ``setting``: ``(largest block, num_warps, num_stages)``, default
+    :func:`tuning`."""
+    return _decode_attention(q, k, v, mask, float(scale), bool(interpret), tuple(setting or tuning()))
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _decode_attention(q, k, v, mask, scale, interpret, setting):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -113,7 +140,8 @@ def decode_attention(
     qg = q.reshape(b, kv, g, d)
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, _MIN_ROWS - g), (0, 0)))  # [B, K, 16, D]
     visible = jnp.broadcast_to(mask, (b, 1, 1, s)).reshape(b, s).astype(jnp.int32)
-    block = _block(s)
+    most, warps, stages = setting
+    block = _block(s, most)
     kernel = functools.partial(_kernel, scale=float(scale), block=block, steps=s // block)
     out = pl.pallas_call(
         kernel,
@@ -126,7 +154,7 @@ def decode_attention(
         ],
         out_specs=pl.BlockSpec((None, None, _MIN_ROWS, d), lambda i, j: (i, j, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((b, kv, _MIN_ROWS, d), q.dtype),
-        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=warps, num_stages=stages),
         interpret=interpret,
         name="jaxrlhf_decode_attention",
     )(qg, k.astype(q.dtype), v.astype(q.dtype), visible)
