@@ -30,9 +30,10 @@ Gradients (custom VJPs), with ``onehot = (v == y)`` and ``a`` the label smoothin
 ``dz`` is rounded to the compute dtype before the two gradient matmuls (``dh = dz W^T``, ``dW = h^T dz``,
 the latter accumulated in f32 over chunks), as ``models.layers.einsum_f32_out`` does for the plain head.
 :func:`chunked_sft_loss` computes its gradients during the forward pass (one logits matmul per chunk instead
-of two; the backward only scales them by the incoming cotangent); :func:`chunked_token_logprobs` recomputes
-each chunk's logits in the backward pass. Neither computes ``dW`` (or ``dh``) when that input is not being
-differentiated (LoRA: frozen heads cost no weight-gradient matmul).
+of two; the backward only scales them by the incoming cotangent: those of the mean loss, so a step that
+differentiates the mean scales by a literal 1 and pays no pass over ``dW``);
+:func:`chunked_token_logprobs` recomputes each chunk's logits in the backward pass. Neither computes ``dW``
+(or ``dh``) when that input is not being differentiated (LoRA: frozen heads cost no weight-gradient matmul).
 """
 
 from __future__ import annotations
@@ -338,10 +339,13 @@ def _sft_sums(h, w, bias, y, m, smoothing, z_coef, chunk, zdt):
 
 
 def _sft_pass(h, w, bias, y, m, smoothing, z_coef, chunk, zdt, need_h, need_w):
-    """Sums ``(loss, nll, lse^2, correct)`` over masked tokens, and their loss gradients when asked."""
+    """``(mean loss, nll sum, lse^2 sum, correct sum)`` over the masked tokens, and the mean loss's
+    gradients when asked (``dz`` scaled by ``1 / max(count, 1)`` in the pass that writes it, so the caller
+    differentiating the mean gets them with no extra pass over ``dW``)."""
     ch = _Chunks(h.shape, chunk, m)
     hs, ys, ms = ch.take(h), ch.take(y), ch.take(m)
     vocab = w.shape[0 if zdt.vocab_major else 1]
+    inv_count = 1.0 / jnp.maximum(jnp.sum(m), 1.0)
 
     def body(i, carry):
         sums, grads, dhs = carry
@@ -359,7 +363,7 @@ def _sft_pass(h, w, bias, y, m, smoothing, z_coef, chunk, zdt, need_h, need_w):
         if need_h or need_w:
             p = jnp.exp(z - lse[..., None])
             dz = p * (1.0 + 2.0 * z_coef * lse)[..., None] - (1.0 - smoothing) * _onehot(z, yc)
-            dz = jnp.where(on[..., None], dz - smoothing / vocab, 0.0)
+            dz = jnp.where(on[..., None], (dz - smoothing / vocab) * inv_count, 0.0)
             dh, dw, db = _grads(dz, hc, w, bias, need_h, need_w, zdt)
             grads = _add(grads, (dw, db))
             dhs = ch.put(dhs, dh, i) if need_h else dhs
@@ -371,8 +375,8 @@ def _sft_pass(h, w, bias, y, m, smoothing, z_coef, chunk, zdt, need_h, need_w):
         jnp.zeros(bias.shape, jnp.float32) if need_w and bias is not None else None,
     )
     dhs0 = jnp.zeros(hs.shape, h.dtype) if need_h else None
-    sums, (dw, db), dhs = ch.loop(body, ((zero,) * 4, g0, dhs0))
-    return sums, (ch.back(dhs) if need_h else None, dw, db)
+    (loss, *sums), (dw, db), dhs = ch.loop(body, ((zero,) * 4, g0, dhs0))
+    return (loss * inv_count, *sums), (ch.back(dhs) if need_h else None, dw, db)
 
 
 def _sft_fwd(h, w, bias, y, m, smoothing, z_coef, chunk, zdt):
@@ -387,7 +391,8 @@ def _sft_fwd(h, w, bias, y, m, smoothing, z_coef, chunk, zdt):
 
 def _sft_bwd(smoothing, z_coef, chunk, zdt, saved, g):
     (dh, dw, db), (w_like, b_like) = saved
-    g = g[0]  # only the loss sum is differentiable (the metric sums are stop_gradient'ed by the caller)
+    g = g[0]  # only the mean loss is differentiable (the metric sums are stop_gradient'ed by the caller);
+    # a training step differentiating the mean itself passes the literal 1 here, which XLA folds away
     g = jnp.zeros((), jnp.float32) if isinstance(g, SymbolicZero) else g
     return (
         None if dh is None else (dh * g.astype(dh.dtype)),
@@ -427,7 +432,7 @@ def chunked_sft_loss(
     if loss_mask.shape != targets.shape:
         raise ValueError(f"chunked_sft_loss: loss_mask {loss_mask.shape} != targets {targets.shape}")
     mask = jax.lax.stop_gradient(loss_mask.astype(jnp.float32))
-    loss_sum, nll, zsq, correct = _sft_sums(
+    loss, nll, zsq, correct = _sft_sums(
         hidden, kernel, bias, targets, mask, float(label_smoothing), float(z_loss), int(chunk_size),
         _Head(jnp.dtype(logits_dtype or jnp.float32), bool(vocab_major)),
     )  # fmt: skip
@@ -435,10 +440,10 @@ def chunked_sft_loss(
     count = jnp.sum(mask)
     denom = jnp.maximum(count, 1.0)
     metrics = {
-        "loss_sum": loss_sum,
+        "loss_sum": loss * denom,  # differentiable (PPO-ptx sums it over micro-batches)
         "token_count": count,
         "nll": nll / denom,
         "accuracy": correct / denom,
         "z_loss": zsq / denom,
     }
-    return loss_sum / denom, metrics
+    return loss, metrics

@@ -8,7 +8,8 @@ gradient of one big batch:
     L = sum_i w_i L_i / sum_i w_i,        g = sum_i w_i grad L_i / sum_i w_i
 
 (without ``"weight"``, ``w_i = 1``). With ``grad_accum = k > 1`` every batch leaf has a leading micro-batch
-axis: ``input_ids [k, B, T]``; with ``k = 1`` leaves are plain ``[B, T]``.
+axis: ``input_ids [k, B, T]``; with ``k = 1`` leaves are plain ``[B, T]`` and the step differentiates ``L``
+itself (the same gradient; its backward starts from the literal cotangent 1).
 
 Usage::
 
@@ -25,10 +26,11 @@ forward, a reward model) can keep using the same arrays after the step.
 forward works on f32 master weights; the gradient flows back through the cast in f32.
 
 Divergence guard (``skip_nonfinite=True``, the default): when the loss or the gradient norm is not finite
-(NaN / inf in any micro-batch), the step keeps the params and optimizer state it was given, advances
-``step`` and the RNG (the batch is consumed, the schedule moves on) and reports ``skipped = 1.0`` (else
-``0.0``) in its metrics; :func:`jaxrlhf.train.loop.train_loop` counts the skips and stops the run after
-``max_nonfinite_steps`` of them in a row. A finite step is the unguarded update (up to float rounding:
+(NaN / inf in any micro-batch) or the batch's total weight is 0 (no loss tokens), the step keeps the params
+and optimizer state it was given, advances ``step`` and the RNG (the batch is consumed, the schedule moves
+on) and reports ``skipped = 1.0`` (else ``0.0``) in its metrics; :func:`jaxrlhf.train.loop.train_loop`
+counts the skips and stops the run after ``max_nonfinite_steps`` of them in a row. A finite step is the
+unguarded update (up to float rounding:
 XLA fuses the select into the update, which may reorder it by an ulp).
 """
 
@@ -55,11 +57,17 @@ def cast_floating(tree: Any, dtype: Any) -> Any:
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def _grads_one(loss_fn: LossFn, params, frozen, batch, rng, compute_dtype):
+def _grads_one(loss_fn: LossFn, params, frozen, batch, rng, compute_dtype, weighted: bool = True):
+    """``(grads, loss, metrics, w)`` of one (micro-)batch. ``weighted``: the gradient of ``loss * w`` (the
+    micro-batches' sum, divided by their total weight later); else of ``loss`` itself — the same for one
+    batch, and the loss's own backward then starts from the literal cotangent 1, which XLA folds away
+    (``losses.chunked_sft_loss`` returns gradients already scaled for its mean: no extra pass over them)."""
+
     def wrapped(p):
         loss, metrics = loss_fn(cast_floating(p, compute_dtype), frozen, batch, rng)
         w = jnp.asarray(metrics.get("weight", 1.0), jnp.float32)
-        return loss.astype(jnp.float32) * w, (loss, metrics, w)
+        out = loss.astype(jnp.float32)
+        return (out * w if weighted else out), (loss, metrics, w)
 
     (_, (loss, metrics, w)), g = jax.value_and_grad(wrapped, has_aux=True)(params)
     return g, loss, metrics, w
@@ -83,10 +91,11 @@ def make_train_step(
         rng, step_rng = jax.random.split(state.rng)
         if grad_accum == 1:
             g, loss, metrics, w = _grads_one(
-                loss_fn, state.params, frozen, batch, step_rng, param_compute_dtype
+                loss_fn, state.params, frozen, batch, step_rng, param_compute_dtype, weighted=False
             )
-            grads = jax.tree.map(lambda x: x.astype(jnp.float32) / w, g)
+            grads = jax.tree.map(lambda x: x.astype(jnp.float32), g)
             metrics = {**metrics, "loss": loss}
+            w_total = w
         else:
 
             def body(carry, xs):
@@ -122,6 +131,7 @@ def make_train_step(
             )
             grads = jax.tree.map(lambda x: x / w_sum, g_sum)
             metrics = {k: v / w_sum for k, v in m_sum.items()}
+            w_total = w_sum
             if "weight" in metrics:
                 metrics["weight"] = w_sum
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
@@ -129,7 +139,8 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         metrics["grad_norm"] = optax.tree.norm(grads)
         if skip_nonfinite:
-            finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+            # a batch of weight 0 (no loss tokens) is skipped, not applied as a zero-gradient update
+            finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & (w_total > 0)
             params, opt_state = where_tree(finite, (params, opt_state), (state.params, state.opt_state))
             metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
         if schedule is not None:

@@ -105,3 +105,42 @@ def test_clipping_bounds_update():
     np.testing.assert_allclose(
         float(jnp.sqrt(sum(jnp.sum(d * d) for d in jax.tree.leaves(delta)))), 1e-3, rtol=1e-4
     )
+
+
+def test_one_batch_step_differentiates_the_mean_and_skips_an_empty_batch():
+    """grad_accum = 1 differentiates the loss itself (== the token-weighted form), so the chunked SFT loss's
+    backward scales its forward-computed gradients by the literal 1 and XLA drops that multiply (no extra
+    pass over the LM head's [E, V] gradient); a batch with no loss tokens (weight 0) is skipped, as its 0 / 0
+    gradient was before."""
+    import re
+
+    from jaxrlhf import losses
+    from jaxrlhf.train import step as step_lib
+
+    b, t, e, v = 2, 16, 8, 37
+    h = jax.random.normal(jax.random.key(0), (b, t, e))
+    y = jax.random.randint(jax.random.key(2), (b, t), 0, v)
+    m = jnp.broadcast_to((jnp.arange(t) > 3).astype(jnp.float32), (b, t))
+
+    def loss_fn(p, frozen, batch, rng):
+        loss, mt = losses.chunked_sft_loss(h, p["w"], y, m, chunk_size=8)
+        return loss, {"weight": mt["token_count"]}
+
+    params = {"w": jax.random.normal(jax.random.key(1), (e, v))}
+    grads = {}
+    for weighted in (True, False):
+        f = jax.jit(lambda p, wt=weighted: step_lib._grads_one(loss_fn, p, None, None, None, None, wt))
+        g, _, _, w = f(params)
+        grads[weighted] = g["w"] / w if weighted else g["w"]
+        hlo = f.lower(params).compile().as_text()
+        muls = [ln for ln in hlo.splitlines() if re.search(rf"f32\[{e},{v}\]\S* multiply\(", ln)]
+        assert len(muls) == (1 if weighted else 0), muls
+    np.testing.assert_allclose(grads[False], grads[True], rtol=1e-5, atol=1e-7)
+
+    opt = train.make_optimizer(train.OptimConfig(name="adamw", lr=1e-2, schedule="constant"))
+    s0, _ = train.init_train_state(toy_params(), opt, 0)
+    batch = toy_batch(0)
+    batch["mask"] = np.zeros_like(batch["mask"])
+    s1, metrics = jax.jit(train.make_train_step(toy_loss, opt))(s0, batch)
+    assert float(metrics["skipped"]) == 1.0
+    chex.assert_trees_all_equal(s1.params, s0.params)
