@@ -105,17 +105,29 @@ class _Chunks:
     def put(self, buf: jax.Array, x: jax.Array, w: tuple[Any, int]) -> jax.Array:
         return jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), w[0], axis=1)
 
-    def loop(self, body, init):
+    def loop(self, body, init, peel: bool = False):
         """``body(window, carry) -> carry`` over windows covering positions ``[0, longest)``: every chunk but
         the last as one window of C positions, the last in windows of ``sub = C / 4`` up to the longest row's
         end. A last chunk the rows barely enter (the common case: rows of similar length just past a multiple
-        of C) costs a quarter of a chunk per window it needs instead of a whole one."""
+        of C) costs a quarter of a chunk per window it needs instead of a whole one.
+
+        ``peel``: the first chunk runs before the loops, always (its positions past a row's end are masked
+        by the caller's body), so ``init`` may hold None accumulators that the body's first call turns into
+        arrays: a weight gradient then starts as the first chunk's product instead of a zero-filled
+        ``[V, E]`` f32 buffer that every chunk's matmul adds into (one write and one read of it saved)."""
         c, s = self.c, self.sub
+        static = isinstance(self.n, int)
+        lo = 0
+        if peel:
+            init, lo = body((0, c), init), 1
         if s == c:
-            return jax.lax.fori_loop(0, self.n, lambda i, a: body((i * c, c), a), init)
-        full = jnp.maximum(self.n - 1, 0) if not isinstance(self.n, int) else max(self.n - 1, 0)
-        carry = jax.lax.fori_loop(0, full, lambda i, a: body((i * c, c), a), init)
+            return jax.lax.fori_loop(
+                lo, self.n if static else jnp.maximum(self.n, lo), lambda i, a: body((i * c, c), a), init
+            )
+        full = max(self.n - 1, lo) if static else jnp.maximum(self.n - 1, lo)
+        carry = jax.lax.fori_loop(lo, full, lambda i, a: body((i * c, c), a), init)
         tail = (self.longest - full * c + s - 1) // s
+        tail = max(tail, 0) if isinstance(tail, int) else jnp.maximum(tail, 0)
         return jax.lax.fori_loop(0, tail, lambda j, a: body((full * c + j * s, s), a), carry)
 
 
@@ -187,7 +199,9 @@ def _grads(dz, h, w, bias, need_h, need_w, head: _Head):
 
 
 def _add(acc, new):
-    return tuple(a if d is None else a + d for a, d in zip(acc, new, strict=True))
+    """``acc + new`` leafwise; a None ``new`` leaves ``acc``, a None ``acc`` (a peeled first chunk) takes
+    ``new``."""
+    return tuple(a if d is None else (d if a is None else a + d) for a, d in zip(acc, new, strict=True))
 
 
 def next_token_targets(ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -277,12 +291,9 @@ def _logprobs_bwd(inv_temp, chunk, entropy, zdt, saved, g):
         dh, dw, db = _grads(dz * inv_temp, hc, w, bias, need_h, need_w, zdt)
         return _add(acc, (dw, db)), (ch.put(dhs, dh, i) if need_h else dhs)
 
-    acc0 = (
-        jnp.zeros(w.shape, jnp.float32) if need_w else None,
-        jnp.zeros(bias.shape, jnp.float32) if need_w and bias is not None else None,
-    )
     dhs0 = jnp.zeros(hs.shape, h.dtype) if need_h else None
-    (dw, db), dhs = ch.loop(body, (acc0, dhs0))
+    # the weight gradients start as the first chunk's (Chunks.loop peel), not as zeros
+    (dw, db), dhs = ch.loop(body, ((None, None), dhs0), peel=need_w)
     return (
         ch.back(dhs) if need_h else None,
         None if dw is None else dw.astype(w.dtype),
@@ -370,12 +381,9 @@ def _sft_pass(h, w, bias, y, m, smoothing, z_coef, chunk, zdt, need_h, need_w):
         return tuple(a + s for a, s in zip(sums, new, strict=True)), grads, dhs
 
     zero = jnp.zeros((), jnp.float32)
-    g0 = (
-        jnp.zeros(w.shape, jnp.float32) if need_w else None,
-        jnp.zeros(bias.shape, jnp.float32) if need_w and bias is not None else None,
-    )
     dhs0 = jnp.zeros(hs.shape, h.dtype) if need_h else None
-    (loss, *sums), (dw, db), dhs = ch.loop(body, ((zero,) * 4, g0, dhs0))
+    # the weight gradients start as the first chunk's (Chunks.loop peel), not as zeros
+    (loss, *sums), (dw, db), dhs = ch.loop(body, ((zero,) * 4, (None, None), dhs0), peel=need_w)
     return (loss * inv_count, *sums), (ch.back(dhs) if need_h else None, dw, db)
 
 

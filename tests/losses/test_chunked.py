@@ -314,3 +314,31 @@ def test_one_pass_max_argmax_lse_equals_the_three_reductions(seed, ties, masked)
     np.testing.assert_array_equal(np.asarray(best), z.argmax(-1))
     want = np.asarray(jax.nn.logsumexp(jnp.asarray(z), axis=-1))
     np.testing.assert_allclose(np.asarray(lse), want, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 5])
+def test_peeled_first_chunk_with_few_or_no_loss_tokens(tokens):
+    """The first chunk runs before the loops (its weight gradient starts the accumulator): with no loss
+    token at all, or fewer than one window, loss / log-probs and gradients still equal the plain ones."""
+    r = np.random.default_rng(tokens)
+    b, t = 2, 24
+    h = jnp.asarray(r.standard_normal((b, t, E)), jnp.float32)
+    w = jnp.asarray(r.standard_normal((E, V)), jnp.float32)
+    y = jnp.asarray(r.integers(0, V, (b, t)), jnp.int32)
+    m = np.zeros((b, t), np.float32)
+    m[1, t - tokens :] = 1.0 if tokens else 0.0
+    m = jnp.asarray(m)
+
+    def plain_sft(h, w):
+        return losses.sft_loss(jnp.einsum("bte,ev->btv", h, w), y, m)[0]
+
+    def plain_lp(h, w):
+        return jnp.sum(jnp.where(m > 0, losses.token_logprobs(jnp.einsum("bte,ev->btv", h, w), y), 0.0))
+
+    for ours, ref in (
+        (lambda h, w: losses.chunked_sft_loss(h, w, y, m, chunk_size=16)[0], plain_sft),
+        (lambda h, w: jnp.sum(losses.chunked_token_logprobs(h, w, y, mask=m, chunk_size=16)), plain_lp),
+    ):
+        got = jax.value_and_grad(ours, (0, 1))(h, w)
+        want = jax.value_and_grad(ref, (0, 1))(h, w)
+        _close(got, want, 1e-5)
