@@ -212,6 +212,11 @@ def use_mesh(mesh: Mesh):
     return mesh
 
 
+def current_mesh() -> Any:
+    """The mesh in context (``jax.set_mesh`` / :func:`use_mesh`, or the legacy ``with mesh:``), else None."""
+    return _current_mesh()
+
+
 def _current_mesh() -> Any:
     get_abstract = getattr(jax.sharding, "get_abstract_mesh", None)
     if get_abstract is not None:

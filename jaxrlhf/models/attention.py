@@ -350,7 +350,9 @@ def attend(
         return _segmented(q, k, v, mask, scale=scale, impl=impl, window=window)
     if impl == "fused":
         if bias is None and mask is not None and _decode_kernel_serves(q, k):
-            return _decode_attention.decode_attention(q, k, v, mask, scale=scale)
+            out = _decode_on_mesh(q, k, v, mask, scale)
+            if out is not None:
+                return out
         return _fused(q, k, v, mask, bias, scale=scale, is_causal=is_causal)
     b, t, h, d = q.shape
     kv = k.shape[2]
@@ -380,6 +382,36 @@ def _decode_kernel_serves(q, k) -> bool:
         q.dtype.name,
     )  # fmt: skip
     return True
+
+
+def _decode_on_mesh(q, k, v, mask, scale):
+    """The decode kernel, per shard under a device mesh in context (``shard_map`` over the batch and head
+    axes the logical rules give q and the cache: a Pallas call has no partitioning rule of its own, so
+    without this XLA would gather the cache onto every device). None when the mesh splits q's heads and the
+    cache's kv heads differently (a shard's query heads would not sit beside their kv heads): the caller then
+    takes the cuDNN / XLA path, logged once."""
+    from jaxrlhf import sharding
+
+    mesh = sharding.current_mesh()
+    if mesh is None or mesh.size == 1:
+        return _decode_attention.decode_attention(q, k, v, mask, scale=scale)
+    mask = jnp.broadcast_to(mask, (q.shape[0], 1, 1, k.shape[1]))
+    qs = sharding.logical_to_spec(("batch", None, "act_heads", None), mesh, q.shape)
+    ks = sharding.logical_to_spec(("batch", None, "act_kv_heads", None), mesh, k.shape)
+    if qs[0] != ks[0] or qs[2] != ks[2]:
+        _log_once(
+            logging.INFO, ("decode-mesh", q.shape, k.shape),
+            "attention: decode step q %s / cache %s shard differently over the mesh (%s vs %s): the fused "
+            "decode kernel is not used", q.shape, k.shape, qs, ks,
+        )  # fmt: skip
+        return None
+    ms = jax.sharding.PartitionSpec(qs[0], None, None, None)
+
+    def local(q, k, v, m):
+        return _decode_attention.decode_attention(q, k, v, m, scale=scale)
+
+    kw = {"mesh": mesh} if isinstance(mesh, jax.sharding.Mesh) else {}
+    return jax.shard_map(local, in_specs=(qs, ks, ks, ms), out_specs=qs, check_vma=False, **kw)(q, k, v, mask)
 
 
 def _fused(q, k, v, mask, bias, *, scale, is_causal):

@@ -169,6 +169,35 @@ def test_decode_kernel_dispatch(monkeypatch, caplog):
     assert calls == []
 
 
+@pytest.mark.parametrize("kv", [4, 1])
+def test_decode_kernel_on_a_mesh_runs_per_shard(monkeypatch, caplog, kv):
+    """Under a data x fsdp x tensor mesh the decode kernel runs per shard (shard_map over batch and heads)
+    and equals the plain path; an MQA cache (1 kv head) cannot follow q's tensor-sharded heads, so that case
+    keeps the XLA path (logged), never a wrong grouping."""
+    from jaxrlhf import sharding
+
+    calls = []
+    real = _decode_attention.decode_attention
+
+    def interpreted(q, k, v, mask, *, scale):
+        calls.append((q.shape, k.shape))
+        return real(q, k, v, mask, scale=scale, interpret=True)
+
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(_decode_attention, "decode_attention", interpreted)
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(5, b=4, t=1, s=32, h=8, k=kv, d=16))
+    mask = jnp.ones((4, 1, 1, 32), bool).at[1, ..., :7].set(False)
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    with caplog.at_level(logging.INFO, logger="jaxrlhf.attention"), sharding.use_mesh(mesh):
+        out = jax.jit(lambda q, k, v, m: attend(q, k, v, m, scale=0.25, impl="fused"))(q, k, v, mask)
+    ref = attend(q, k, v, mask, scale=0.25, impl="plain")
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
+    if kv == 4:
+        assert calls == [((1, 1, 4, 16), (1, 32, 2, 16))]  # per shard: batch / 4, heads / 2
+    else:
+        assert calls == [] and any("shard differently" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("name", ["llama3", "mistral", "bloom"])
 def test_decoder_auto_and_fused_equal_plain_logits(name):
     spec = ModelSpec.from_hf_config(tiny_hf_config(name).to_dict())
