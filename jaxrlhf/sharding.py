@@ -194,7 +194,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 
     The mesh comes from ``jax.set_mesh(mesh)`` / :func:`use_mesh` (jax >= 0.7) or the legacy ``with mesh:``.
     """
-    mesh = _current_mesh()
+    mesh = current_mesh()
     if mesh is None or mesh.empty or mesh.size == 1:
         return x
     spec = logical_to_spec(logical_axes, mesh, x.shape)
@@ -214,10 +214,6 @@ def use_mesh(mesh: Mesh):
 
 def current_mesh() -> Any:
     """The mesh in context (``jax.set_mesh`` / :func:`use_mesh`, or the legacy ``with mesh:``), else None."""
-    return _current_mesh()
-
-
-def _current_mesh() -> Any:
     get_abstract = getattr(jax.sharding, "get_abstract_mesh", None)
     if get_abstract is not None:
         m = get_abstract()

@@ -349,10 +349,9 @@ def attend(
     if isinstance(mask, SegmentLayout):
         return _segmented(q, k, v, mask, scale=scale, impl=impl, window=window)
     if impl == "fused":
-        if bias is None and mask is not None and _decode_kernel_serves(q, k):
-            out = _decode_on_mesh(q, k, v, mask, scale)
-            if out is not None:
-                return out
+        out = _decode_kernel(q, k, v, mask, scale) if bias is None and mask is not None else None
+        if out is not None:
+            return out
         return _fused(q, k, v, mask, bias, scale=scale, is_causal=is_causal)
     b, t, h, d = q.shape
     kv = k.shape[2]
@@ -371,45 +370,46 @@ def attend(
     return out.reshape(b, t, h, d)
 
 
-def _decode_kernel_serves(q, k) -> bool:
-    """A one-token query over a cache on a GPU in bf16 / fp16: the fused decode kernel
-    (:mod:`jaxrlhf.models._decode_attention`) instead of cuDNN; logged once per shape."""
+def _decode_kernel(q, k, v, mask, scale):
+    """A one-token query over a cache on a GPU in bf16 / fp16 through the fused decode kernel
+    (:mod:`jaxrlhf.models._decode_attention`) instead of cuDNN, or None where it does not serve (the caller
+    keeps cuDNN / XLA); the choice is logged once per shape.
+
+    Under a device mesh in context the kernel runs per shard (``shard_map`` over the batch and head axes the
+    logical rules give q and the cache: a Pallas call has no partitioning rule of its own, so without this
+    XLA would gather the cache onto every device). A mesh that splits q's heads and the cache's kv heads
+    differently (a shard's query heads would not sit beside their kv heads) is not served."""
+    from jaxrlhf import sharding
+
     if jax.default_backend() != "gpu" or not _decode_attention.supported(q.shape, k.shape, q.dtype):
-        return False
+        return None
+    mesh = sharding.current_mesh()
+    specs = None
+    if mesh is not None and mesh.size > 1:
+        qs = sharding.logical_to_spec(("batch", None, "act_heads", None), mesh, q.shape)
+        ks = sharding.logical_to_spec(("batch", None, "act_kv_heads", None), mesh, k.shape)
+        if qs[0] != ks[0] or qs[2] != ks[2]:
+            _log_once(
+                logging.INFO, ("decode-mesh", q.shape, k.shape),
+                "attention: decode step q %s / cache %s shard differently over the mesh (%s vs %s): the "
+                "fused decode kernel is not used", q.shape, k.shape, qs, ks,
+            )  # fmt: skip
+            return None
+        specs = (qs, ks)
     _log_once(
         logging.INFO, ("decode", q.shape, k.shape, q.dtype.name),
         "attention: decode step q %s over cache %s %s -> the fused decode kernel", q.shape, k.shape,
         q.dtype.name,
     )  # fmt: skip
-    return True
-
-
-def _decode_on_mesh(q, k, v, mask, scale):
-    """The decode kernel, per shard under a device mesh in context (``shard_map`` over the batch and head
-    axes the logical rules give q and the cache: a Pallas call has no partitioning rule of its own, so
-    without this XLA would gather the cache onto every device). None when the mesh splits q's heads and the
-    cache's kv heads differently (a shard's query heads would not sit beside their kv heads): the caller then
-    takes the cuDNN / XLA path, logged once."""
-    from jaxrlhf import sharding
-
-    mesh = sharding.current_mesh()
-    if mesh is None or mesh.size == 1:
-        return _decode_attention.decode_attention(q, k, v, mask, scale=scale)
-    mask = jnp.broadcast_to(mask, (q.shape[0], 1, 1, k.shape[1]))
-    qs = sharding.logical_to_spec(("batch", None, "act_heads", None), mesh, q.shape)
-    ks = sharding.logical_to_spec(("batch", None, "act_kv_heads", None), mesh, k.shape)
-    if qs[0] != ks[0] or qs[2] != ks[2]:
-        _log_once(
-            logging.INFO, ("decode-mesh", q.shape, k.shape),
-            "attention: decode step q %s / cache %s shard differently over the mesh (%s vs %s): the fused "
-            "decode kernel is not used", q.shape, k.shape, qs, ks,
-        )  # fmt: skip
-        return None
-    ms = jax.sharding.PartitionSpec(qs[0], None, None, None)
 
     def local(q, k, v, m):
         return _decode_attention.decode_attention(q, k, v, m, scale=scale)
 
+    if specs is None:
+        return local(q, k, v, mask)
+    qs, ks = specs
+    mask = jnp.broadcast_to(mask, (q.shape[0], 1, 1, k.shape[1]))
+    ms = jax.sharding.PartitionSpec(qs[0], None, None, None)
     kw = {"mesh": mesh} if isinstance(mesh, jax.sharding.Mesh) else {}
     return jax.shard_map(local, in_specs=(qs, ks, ks, ms), out_specs=qs, check_vma=False, **kw)(q, k, v, mask)
 
