@@ -267,6 +267,8 @@ def main() -> None:
             json.dump(out, f)
         if hlo_dir:  # the largest optimized module (the step / the loop), gzipped beside the JSON
             dumps = glob.glob(os.path.join(hlo_dir, "*after_optimizations.txt"))
+            # the parameter initialisers compile to large modules too: never pick one of those
+            dumps = [d for d in dumps if "init" not in os.path.basename(d).lower()] or dumps
             if dumps:
                 biggest = max(dumps, key=os.path.getsize)
                 with open(biggest, "rb") as f, gzip.open(args.dump + ".hlo.gz", "wb") as g:

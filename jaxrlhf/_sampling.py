@@ -120,6 +120,9 @@ class SearchMethod:
                 ``32 / radix_bits`` dependent passes; 0 = always the radix search.
     inner_chunks: top-k: further chunk levels over the ``k * chunk`` keys the first level keeps (each one
                 the same chunk-maximum prefilter, :func:`kth_largest_key`).
+    top_p_kernel: top-p: "gpu" = the 8 radix passes as Pallas kernels (:mod:`jaxrlhf._sampling_kernel`)
+                when the computation runs on a GPU outside a multi-device mesh, else the XLA passes;
+                "interpret" = those kernels in Pallas' interpreter (CPU tests); "off" = always XLA.
 
     Variants timed on an H200 and dropped (2026-12-03, benchmarks/RESULTS.md "Sampling cost" and "DPO
     shared-prompt rows..."): rows cut in slices reduced in parallel, 2- / 3-bit passes, top-p weights
@@ -130,9 +133,11 @@ class SearchMethod:
     draw: str = "gumbel"
     rank_below: int = 0
     inner_chunks: tuple[int, ...] = ()
+    top_p_kernel: str = "off"
 
     def __post_init__(self):
-        if not 1 <= self.radix_bits <= 8 or self.draw not in ("gumbel", "cdf"):
+        bad_kernel = self.top_p_kernel not in ("off", "gpu", "interpret")
+        if not 1 <= self.radix_bits <= 8 or self.draw not in ("gumbel", "cdf") or bad_kernel:
             raise ValueError(f"bad SearchMethod {self}")
 
 
@@ -142,7 +147,8 @@ METHODS: dict[str, SearchMethod] = {
     # the default: each part's fastest on an H200 at [64, 128256] (benchmarks/sampling_micro.py, RESULTS.md):
     # top-k by rank counting over two chunk levels (+0.109 ms / step over greedy, radix +0.362; +7.9% of a
     # batch-64 decode step end to end), top-p by the 4-bit radix, the inverse-CDF draw
-    "fast": SearchMethod(draw="cdf", rank_below=1024, inner_chunks=(8,)),
+    "fast": SearchMethod(draw="cdf", rank_below=1024, inner_chunks=(8,), top_p_kernel="gpu"),
+    "fast_xla": SearchMethod(draw="cdf", rank_below=1024, inner_chunks=(8,)),  # "fast" without the kernels
 }
 DEFAULT_METHOD = "fast"
 
@@ -228,13 +234,32 @@ def candidates(
         scaled = jnp.where(keys >= tau[:, None], scaled, -jnp.inf)
     if cfg.top_p < 1.0:
         # the top-k keys still order the survivors; cut tokens weigh 0 and lie below tau_k <= tau_p
-        probs = jax.nn.softmax(scaled, axis=-1)
-        tau = _threshold(keys, probs, jnp.float32(cfg.top_p), radix_bits=how.radix_bits)
+        if _top_p_kernel(how, scaled):
+            from jaxrlhf._sampling_kernel import top_p_threshold
+
+            tau, _ = top_p_threshold(scaled, cfg.top_p, interpret=how.top_p_kernel == "interpret")
+        else:
+            probs = jax.nn.softmax(scaled, axis=-1)
+            tau = _threshold(keys, probs, jnp.float32(cfg.top_p), radix_bits=how.radix_bits)
         scaled = jnp.where(keys >= tau[:, None], scaled, -jnp.inf)
     if cfg.min_p > 0.0:
         threshold = jnp.max(scaled, axis=-1, keepdims=True) + jnp.float32(math.log(cfg.min_p))
         scaled = jnp.where(scaled >= threshold, scaled, -jnp.inf)
     return scaled, None
+
+
+def _top_p_kernel(how: SearchMethod, scaled: jax.Array) -> bool:
+    """Whether :func:`candidates` runs the top-p passes as Pallas kernels: asked for, a vocabulary of at
+    least 16, and (for "gpu") a GPU backend with no multi-device mesh in context (a Pallas call has no
+    partitioning rule: under a mesh the XLA passes, which shard, run instead)."""
+    if how.top_p_kernel == "off" or scaled.shape[-1] < 16:
+        return False
+    if how.top_p_kernel == "interpret":
+        return True
+    from jaxrlhf.sharding import current_mesh
+
+    mesh = current_mesh()
+    return jax.default_backend() == "gpu" and (mesh is None or mesh.size == 1)
 
 
 _DRAW_CHUNK = 128  # the cdf draw: chunk masses over this many tokens, then one chunk's tokens

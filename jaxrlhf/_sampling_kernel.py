@@ -1,0 +1,164 @@
+"""The top-p threshold search as GPU kernels (Pallas, Triton backend): 8 radix passes, no sort.
+
+Shapes: B rows, V vocabulary, G programs per row (each a contiguous run of blocks), 16 = 2^4 digit values.
+
+Per row of the scaled, masked logits ``x [B, V]`` (f32, -inf = excluded) with ``m = max_v x_v`` the kernels
+find the same threshold as :func:`jaxrlhf._sampling._threshold` with weights ``w_v = exp(x_v - m)`` and
+target ``top_p * Z`` (``Z = sum_v w_v``: the softmax's normaliser, so the target equals ``top_p`` in
+probabilities): the largest key ``t`` with
+
+    S(t) = sum_v w_v [key_v >= t]  >=  top_p * Z
+
+(``key`` = :func:`jaxrlhf._sampling._ordered_keys`, an order-preserving uint32 image of the float). ``S`` is
+non-increasing in ``t``, so ``t`` is fixed 4 bits at a time from the top: with the bits above ``shift``
+decided (``prefix``), pass k computes the 16 sums ``S(prefix | j << shift)``, j = 0..15, and the next pass
+takes the largest j whose sum reaches the target (j = 0 always qualifies: ``S(prefix) >= target`` holds
+from the pass before). Eight passes give all 32 bits.
+
+Why kernels: in XLA each pass is a 15-output reduction that reads the keys and the probabilities (64 MB at
+[64, 128256]) plus the second-stage reduction XLA adds for 128k-long rows, ~41 us a pass on an H200
+(benchmarks/RESULTS.md, 2026-12-04). Here a pass reads only the logits (keys and weights are recomputed in
+registers), each of the ``B x G`` programs accumulates a ``[16, block]`` tile of compare-selects, writes
+its 16 partial sums, and the next pass starts by reducing its row's ``[G, 16]`` partials and picking the digit
+itself, so a pass is one kernel and nothing else. The logits are loaded with ``evict_last`` so the 8 passes
+find them in L2 (32.8 MB at [64, 128256] f32).
+
+The sums are f32 in a different order than XLA's reduction, so on nearly flat rows a boundary token can move
+when two sums straddle the target by less than their rounding (the same as any two summation orders); the
+kept set is otherwise the XLA path's, which the tests check in Pallas' interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+RADIX = 16  # 4 bits a pass
+_BITS = 4
+_INT_MIN = -(2**31)
+DEFAULT_SETTING = (256, 8, 4, 1)  # block, programs per row, num_warps, num_stages
+
+
+def _signed_keys(x: jax.Array) -> jax.Array:
+    """f32 -> int32 with the same order as ``_ordered_keys(x) ^ 0x80000000`` read as signed (so signed
+    compares in the kernel order exactly as unsigned compares of the uint32 keys): non-negative floats keep
+    their bits, negative ones flip all but the sign; -0 is +0."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    flipped = jnp.where(bits >= 0, bits, bits ^ jnp.int32(0x7FFFFFFF))
+    return jnp.where(x == 0, jnp.int32(0), flipped)
+
+
+def _pick(sums: jax.Array, target: jax.Array, lane: jax.Array) -> jax.Array:
+    """The largest digit j (int32) whose sum reaches ``target`` (j = 0 always)."""
+    ok = (sums >= target) | (lane == 0)
+    return jnp.max(jnp.where(ok, lane, 0))
+
+
+def _kernel(
+    x_ref, m_ref, z_ref, prev_ref, pfx_ref, out_ref, pfx_out_ref,
+    *, vocab, block, per, top_p, shift, first, evict,
+):  # fmt: skip
+    """Program (b, g): one pass over blocks ``g * per .. g * per + per - 1`` of row b.
+
+    x_ref [V] f32 (the row), m_ref [16] (the row max, broadcast), z_ref / prev_ref [G, 16] (pass 1's
+    and the last pass's partial sums of this row), pfx_ref [16] int32 (the last pass's prefix, broadcast);
+    writes out_ref [16] (this program's partial sums) and pfx_out_ref [16] (this pass's prefix)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    g = pl.program_id(1)
+    lane = jax.lax.broadcasted_iota(jnp.int32, (RADIX,), 0)
+    m = jnp.max(m_ref[...])
+    if first:
+        prefix = jnp.int32(0)
+    else:  # the digit of the last pass, from its partial sums of this row
+        target = jnp.float32(top_p) * jnp.sum(z_ref[:, 0])
+        best = _pick(jnp.sum(prev_ref[...], axis=0), target, lane)
+        prefix = jnp.max(pfx_ref[...]) | (best << (shift + _BITS))
+    cand = (prefix | (lane << shift)) ^ jnp.int32(_INT_MIN)  # [16]: the signed images of the candidates
+    n_blocks = -(-vocab // block)
+    offs = jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
+
+    def body(i, acc):
+        c = g * per + i
+        start = jnp.minimum(c * block, vocab - block)  # the last block ends at V (overlap masked below)
+        keep = ((start + offs) >= c * block) & (c < n_blocks)
+        x = plgpu.load(x_ref.at[pl.ds(start, block)], eviction_policy="evict_last" if evict else None)
+        w = jnp.where(keep, jnp.exp(x - m), 0.0)
+        key = _signed_keys(x)
+        return acc + jnp.where(key[None, :] >= cand[:, None], w[None, :], 0.0)
+
+    acc = jax.lax.fori_loop(0, per, body, jnp.zeros((RADIX, block), jnp.float32))
+    out_ref[...] = jnp.sum(acc, axis=1)
+    pfx_out_ref[...] = jnp.broadcast_to(prefix, (RADIX,))
+
+
+def top_p_threshold(
+    x: jax.Array,
+    top_p: float,
+    *,
+    interpret: bool = False,
+    setting: tuple[int, int, int, int] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``(tau [B] uint32, mass [B] f32)``: the top-p threshold key of each row of ``x [B, V]`` (f32 scaled,
+    masked logits; every row holds a finite value) and the kept mass ``S(tau) / Z`` (the nucleus' share of
+    the distribution). Kept set: ``_ordered_keys(x) >= tau``. ``interpret``: Pallas' interpreter (CPU tests);
+    ``setting``: ``(block, programs per row, num_warps, num_stages)``."""
+    block, groups, warps, stages = setting or DEFAULT_SETTING
+    vocab = x.shape[-1]
+    block = min(block, 1 << (max(vocab, 16).bit_length() - 1))  # a power of two <= V
+    return _top_p_threshold(x, float(top_p), bool(interpret), (block, groups, warps, stages))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _top_p_threshold(x, top_p, interpret, setting):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    block, groups, warps, stages = setting
+    rows, vocab = x.shape
+    x = x.astype(jnp.float32)
+    n_blocks = -(-vocab // block)
+    groups = max(1, min(groups, n_blocks))
+    per = -(-n_blocks // groups)
+    m = jnp.broadcast_to(jnp.max(x, axis=-1, keepdims=True), (rows, RADIX))
+    row16 = pl.BlockSpec((None, RADIX), lambda i, j: (i, 0))
+    rowg = pl.BlockSpec((None, groups, RADIX), lambda i, j: (i, 0, 0))
+    params = None if interpret else plgpu.CompilerParams(num_warps=warps, num_stages=stages)
+    sums = jnp.zeros((rows, groups, RADIX), jnp.float32)
+    z = sums
+    prefix = jnp.zeros((rows, groups, RADIX), jnp.int32)
+    for k in range(32 // _BITS):
+        shift = 32 - _BITS * (k + 1)
+        kernel = functools.partial(
+            _kernel, vocab=vocab, block=block, per=per, top_p=top_p, shift=shift, first=k == 0,
+            evict=not interpret,
+        )  # fmt: skip
+        sums, prefix = pl.pallas_call(
+            kernel,
+            grid=(rows, groups),
+            in_specs=[pl.BlockSpec((None, vocab), lambda i, j: (i, 0)), row16, rowg, rowg, row16],
+            out_specs=[
+                pl.BlockSpec((None, None, RADIX), lambda i, j: (i, j, 0)),
+                pl.BlockSpec((None, None, RADIX), lambda i, j: (i, j, 0)),
+            ],
+            out_shape=[
+                jax.ShapeDtypeStruct((rows, groups, RADIX), jnp.float32),
+                jax.ShapeDtypeStruct((rows, groups, RADIX), jnp.int32),
+            ],
+            compiler_params=params,
+            interpret=interpret,
+            name=f"jaxrlhf_top_p_pass{k}",
+        )(x, m, z, sums, prefix[:, 0])
+        if k == 0:
+            z = sums
+    total = jnp.sum(z[:, :, 0], axis=1)
+    row_sums = jnp.sum(sums, axis=1)  # [B, 16]
+    lane = jnp.arange(RADIX, dtype=jnp.int32)
+    ok = (row_sums >= jnp.float32(top_p) * total[:, None]) | (lane[None, :] == 0)
+    best = jnp.max(jnp.where(ok, lane[None, :], 0), axis=1)
+    tau = prefix[:, 0, 0] | best
+    mass = jnp.take_along_axis(row_sums, best[:, None], axis=1)[:, 0] / total
+    return jax.lax.bitcast_convert_type(tau, jnp.uint32), mass

@@ -1,0 +1,93 @@
+"""The top-p radix passes as Pallas kernels (jaxrlhf._sampling_kernel), run in Pallas' interpreter on CPU:
+the same threshold and nucleus mass as the XLA search (jaxrlhf._sampling._threshold) and the definition."""
+
+import functools
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrlhf._sampling import SamplingConfig, SearchMethod, _ordered_keys, _threshold, candidates
+from jaxrlhf._sampling_kernel import _signed_keys, top_p_threshold
+
+
+@functools.cache
+def _kernel(top_p: float, setting: tuple[int, int, int, int]):
+    return jax.jit(lambda x: top_p_threshold(x, top_p, interpret=True, setting=setting))
+
+
+def _reference(x: np.ndarray, top_p: float):
+    """tau by the XLA search and, from the definition in float64, the kept set and its mass."""
+    keys = _ordered_keys(jnp.asarray(x))
+    tau = np.asarray(_threshold(keys, jax.nn.softmax(jnp.asarray(x), axis=-1), jnp.float32(top_p)))
+    p = np.exp(x.astype(np.float64) - x.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    more_likely = (p[:, None, :] * (x[:, None, :] > x[:, :, None])).sum(-1)  # [B, V]: mass above each token
+    return tau, np.asarray(keys), more_likely < top_p, p
+
+
+@hypothesis.settings(max_examples=12, deadline=None)
+@hypothesis.given(
+    seed=st.integers(0, 2**31 - 1),
+    vocab=st.sampled_from(
+        [16, 50, 301, 1000]
+    ),  # blocks that do not divide the row: an overlapping last block
+    scale=st.sampled_from([0.05, 0.5, 3.0, 30.0]),  # flat (a nucleus of most tokens) .. peaked (one or two)
+    levels=st.sampled_from([0, 3, 40]),  # 0: continuous; else that many distinct values (ties)
+    masked=st.booleans(),
+    top_p=st.sampled_from([0.5, 0.9, 0.99]),
+    setting=st.sampled_from([(128, 4, 4, 1), (32, 3, 4, 1), (256, 8, 4, 1)]),  # 3 groups: uneven split
+)
+def test_kernel_threshold_equals_the_xla_search(seed, vocab, scale, levels, masked, top_p, setting):
+    rs = np.random.RandomState(seed)
+    x = (rs.randn(3, vocab) * scale).astype(np.float32)
+    if levels:
+        x = np.floor(x * levels / (3 * scale)).astype(np.float32)
+    if masked:
+        x[:, rs.rand(vocab) < 0.4] = -np.inf
+        x[:, 0] = np.maximum(x[:, 0], 0.0)  # every row keeps a finite token
+    tau, mass = _kernel(top_p, setting)(jnp.asarray(x))
+    want, keys, kept, p = _reference(x, top_p)
+    np.testing.assert_array_equal(np.asarray(tau), want)
+    np.testing.assert_array_equal(keys >= np.asarray(tau)[:, None], kept)  # == the definition's nucleus
+    np.testing.assert_allclose(np.asarray(mass), (p * kept).sum(1), rtol=2e-6)
+
+
+def test_signed_keys_order_like_the_unsigned_keys():
+    """The kernel's int32 keys compare (signed) exactly as _ordered_keys compare (unsigned), for signed
+    zeros, infinities and extremes."""
+    special = [0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, 3.4e38, -3.4e38, 1e-30, -1e-30, 0.5, -0.5]
+    x = np.concatenate(
+        [np.asarray(special, np.float32), np.random.RandomState(0).randn(200).astype(np.float32)]
+    )
+    s = np.asarray(_signed_keys(jnp.asarray(x)))
+    u = np.asarray(_ordered_keys(jnp.asarray(x[None])))[0]
+    np.testing.assert_array_equal(s[:, None] < s[None, :], u[:, None] < u[None, :])
+    np.testing.assert_array_equal(s[:, None] == s[None, :], u[:, None] == u[None, :])
+    np.testing.assert_array_equal(s.view(np.uint32) ^ np.uint32(0x80000000), u)
+
+
+@pytest.mark.parametrize("kw", [dict(top_p=0.9), dict(top_k=40, top_p=0.8), dict(top_p=0.7, min_p=0.05)])
+def test_candidates_with_the_kernel_equal_the_xla_candidates(kw):
+    """candidates() through the kernels (interpreted) == through the XLA passes, after a top-k cut too."""
+    x = jnp.asarray(np.random.RandomState(7).randn(4, 700).astype(np.float32) * 2)
+    cfg = SamplingConfig(max_new_tokens=1, temperature=0.9, **kw)
+    got = jax.jit(lambda z: candidates(z, cfg, method=SearchMethod(top_p_kernel="interpret"))[0])(x)
+    want = jax.jit(lambda z: candidates(z, cfg, method=SearchMethod())[0])(x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_gpu_kernel_falls_back_to_xla_off_gpu():
+    """top_p_kernel="gpu" on a CPU backend runs the XLA passes (no Pallas call in the program)."""
+    cfg = SamplingConfig(max_new_tokens=1, temperature=1.0, top_p=0.9)
+    jaxpr = jax.make_jaxpr(lambda z: candidates(z, cfg, method=SearchMethod(top_p_kernel="gpu"))[0])(
+        jnp.zeros((2, 64))
+    )
+    assert "pallas_call" not in str(jaxpr)
+    jaxpr = jax.make_jaxpr(lambda z: candidates(z, cfg, method=SearchMethod(top_p_kernel="interpret"))[0])(
+        jnp.zeros((2, 64))
+    )
+    assert "pallas_call" in str(jaxpr)
