@@ -31,6 +31,7 @@ kept set is otherwise the XLA path's, which the tests check in Pallas' interpret
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +96,19 @@ def _kernel(
     pfx_out_ref[...] = jnp.broadcast_to(prefix, (RADIX,))
 
 
+def tuning() -> tuple[int, int, int, int]:
+    """``(block, programs per row, num_warps, num_stages)``: the defaults, or the benchmarks' sweep override
+    ``JAXRLHF_TOPP_TUNING="block,groups,warps,stages"`` (read at trace time)."""
+    raw = os.environ.get("JAXRLHF_TOPP_TUNING")
+    if not raw:
+        return DEFAULT_SETTING
+    try:
+        block, groups, warps, stages = (int(v) for v in raw.split(","))
+    except ValueError:
+        raise ValueError(f"JAXRLHF_TOPP_TUNING={raw!r}: want 'block,groups,warps,stages'") from None
+    return block, groups, warps, stages
+
+
 def top_p_threshold(
     x: jax.Array,
     top_p: float,
@@ -106,7 +120,7 @@ def top_p_threshold(
     masked logits; every row holds a finite value) and the kept mass ``S(tau) / Z`` (the nucleus' share of
     the distribution). Kept set: ``_ordered_keys(x) >= tau``. ``interpret``: Pallas' interpreter (CPU tests);
     ``setting``: ``(block, programs per row, num_warps, num_stages)``."""
-    block, groups, warps, stages = setting or DEFAULT_SETTING
+    block, groups, warps, stages = setting or tuning()
     vocab = x.shape[-1]
     block = min(block, 1 << (max(vocab, 16).bit_length() - 1))  # a power of two <= V
     return _top_p_threshold(x, float(top_p), bool(interpret), (block, groups, warps, stages))
