@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from jaxrlhf._sampling import _ordered_keys, _threshold  # noqa: E402
 from jaxrlhf._sampling_kernel import top_p_threshold  # noqa: E402
 
-SETTINGS = ["256,8,4,1", "128,8,4,1", "512,8,8,1", "256,16,4,1", "256,4,4,1", "128,16,2,1", "1024,8,8,1"]
+SETTINGS = ["256,8,4,1,3", "256,8,4,1,8", "128,16,4,1,3", "512,8,8,1,3", "256,16,8,1,2"]
 
 
 def timed(f, x, iters: int) -> float:
@@ -76,7 +76,9 @@ def main() -> None:
                 got = np.asarray(jax.jit(kern)(x))
                 us = timed(kern, x, args.iters)
             except Exception as e:  # a setting Triton refuses (registers, shapes): report, go on
-                print(json.dumps(dict(case=case, setting=raw, error=str(e).splitlines()[0][:200])), flush=True)
+                print(
+                    json.dumps(dict(case=case, setting=raw, error=str(e).splitlines()[0][:200])), flush=True
+                )
                 continue
             kept_diff = int(np.sum(np.any(np.asarray(keys) >= got[:, None], axis=1) != True))  # noqa: E712
             print(

@@ -39,7 +39,9 @@ import jax.numpy as jnp
 RADIX = 16  # 4 bits a pass
 _BITS = 4
 _INT_MIN = -(2**31)
-DEFAULT_SETTING = (256, 8, 4, 1)  # block, programs per row, num_warps, num_stages
+# block, programs per row, num_warps, num_stages, first pass whose blocks skip the 16-way tile when none of
+# their keys lies in the pass' bracket (8 = none skips)
+DEFAULT_SETTING = (256, 8, 4, 1, 3)
 
 
 def _signed_keys(x: jax.Array) -> jax.Array:
@@ -59,13 +61,18 @@ def _pick(sums: jax.Array, target: jax.Array, lane: jax.Array) -> jax.Array:
 
 def _kernel(
     x_ref, m_ref, z_ref, prev_ref, pfx_ref, out_ref, pfx_out_ref,
-    *, vocab, block, per, top_p, shift, first, evict,
+    *, vocab, block, per, top_p, shift, first, evict, skip,
 ):  # fmt: skip
     """Program (b, g): one pass over blocks ``g * per .. g * per + per - 1`` of row b.
 
     x_ref [V] f32 (the row), m_ref [16] (the row max, broadcast), z_ref / prev_ref [G, 16] (pass 1's
     and the last pass's partial sums of this row), pfx_ref [16] int32 (the last pass's prefix, broadcast);
-    writes out_ref [16] (this program's partial sums) and pfx_out_ref [16] (this pass's prefix)."""
+    writes out_ref [16] (this program's partial sums) and pfx_out_ref [16] (this pass's prefix).
+
+    ``skip``: keys above the bracket ``[prefix, prefix | 2^(shift+4) - 1]`` (the bits decided so far) count
+    in every sum and keys below it in none, so only bracket keys need the 16 compares; a block without one
+    adds its above-bracket mass to a [block] accumulator and skips the [16, block] tile (late passes, whose
+    bracket holds a few hundred keys of the row, skip most blocks)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -82,31 +89,54 @@ def _kernel(
     n_blocks = -(-vocab // block)
     offs = jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
 
-    def body(i, acc):
+    top_bits = (1 << (shift + _BITS)) - 1
+    hi = (prefix | jnp.int32(top_bits - (1 << 32) if top_bits >= 1 << 31 else top_bits)) ^ jnp.int32(_INT_MIN)
+
+    def load(i):
         c = g * per + i
         start = jnp.minimum(c * block, vocab - block)  # the last block ends at V (overlap masked below)
         keep = ((start + offs) >= c * block) & (c < n_blocks)
         x = plgpu.load(x_ref.at[pl.ds(start, block)], eviction_policy="evict_last" if evict else None)
-        w = jnp.where(keep, jnp.exp(x - m), 0.0)
-        key = _signed_keys(x)
+        return jnp.where(keep, jnp.exp(x - m), 0.0), _signed_keys(x)
+
+    def body(i, acc):
+        w, key = load(i)
         return acc + jnp.where(key[None, :] >= cand[:, None], w[None, :], 0.0)
 
-    acc = jax.lax.fori_loop(0, per, body, jnp.zeros((RADIX, block), jnp.float32))
-    out_ref[...] = jnp.sum(acc, axis=1)
+    def body_skip(i, carry):
+        tile, above = carry
+        w, key = load(i)
+        inside = (key >= cand[0]) & (key <= hi)
+        above = above + jnp.where(key > hi, w, 0.0)
+        tile = jax.lax.cond(
+            jnp.max(jnp.where(inside & (w > 0), 1, 0)) > 0,  # (Triton lowers no reduce_or)
+            lambda t: t + jnp.where((key[None, :] >= cand[:, None]) & inside[None, :], w[None, :], 0.0),
+            lambda t: t,
+            tile,
+        )
+        return tile, above
+
+    zeros = jnp.zeros((RADIX, block), jnp.float32)
+    if skip:
+        tile, above = jax.lax.fori_loop(0, per, body_skip, (zeros, jnp.zeros((block,), jnp.float32)))
+        out_ref[...] = jnp.sum(tile, axis=1) + jnp.sum(above)
+    else:
+        out_ref[...] = jnp.sum(jax.lax.fori_loop(0, per, body, zeros), axis=1)
     pfx_out_ref[...] = jnp.broadcast_to(prefix, (RADIX,))
 
 
-def tuning() -> tuple[int, int, int, int]:
-    """``(block, programs per row, num_warps, num_stages)``: the defaults, or the benchmarks' sweep override
-    ``JAXRLHF_TOPP_TUNING="block,groups,warps,stages"`` (read at trace time)."""
+def tuning() -> tuple[int, int, int, int, int]:
+    """``(block, programs per row, num_warps, num_stages, first skipping pass)``: the defaults, or the
+    benchmarks' sweep override ``JAXRLHF_TOPP_TUNING="block,groups,warps,stages,skip"`` (read at trace
+    time)."""
     raw = os.environ.get("JAXRLHF_TOPP_TUNING")
     if not raw:
         return DEFAULT_SETTING
     try:
-        block, groups, warps, stages = (int(v) for v in raw.split(","))
+        block, groups, warps, stages, skip = (int(v) for v in raw.split(","))
     except ValueError:
-        raise ValueError(f"JAXRLHF_TOPP_TUNING={raw!r}: want 'block,groups,warps,stages'") from None
-    return block, groups, warps, stages
+        raise ValueError(f"JAXRLHF_TOPP_TUNING={raw!r}: want 'block,groups,warps,stages,skip'") from None
+    return block, groups, warps, stages, skip
 
 
 def top_p_threshold(
@@ -114,16 +144,16 @@ def top_p_threshold(
     top_p: float,
     *,
     interpret: bool = False,
-    setting: tuple[int, int, int, int] | None = None,
+    setting: tuple[int, int, int, int, int] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """``(tau [B] uint32, mass [B] f32)``: the top-p threshold key of each row of ``x [B, V]`` (f32 scaled,
     masked logits; every row holds a finite value) and the kept mass ``S(tau) / Z`` (the nucleus' share of
     the distribution). Kept set: ``_ordered_keys(x) >= tau``. ``interpret``: Pallas' interpreter (CPU tests);
-    ``setting``: ``(block, programs per row, num_warps, num_stages)``."""
-    block, groups, warps, stages = setting or tuning()
+    ``setting``: ``(block, programs per row, num_warps, num_stages, first skipping pass)``."""
+    block, groups, warps, stages, skip = setting or tuning()
     vocab = x.shape[-1]
     block = min(block, 1 << (max(vocab, 16).bit_length() - 1))  # a power of two <= V
-    return _top_p_threshold(x, float(top_p), bool(interpret), (block, groups, warps, stages))
+    return _top_p_threshold(x, float(top_p), bool(interpret), (block, groups, warps, stages, skip))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -131,7 +161,7 @@ def _top_p_threshold(x, top_p, interpret, setting):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
-    block, groups, warps, stages = setting
+    block, groups, warps, stages, skip_from = setting
     rows, vocab = x.shape
     x = x.astype(jnp.float32)
     n_blocks = -(-vocab // block)
@@ -148,7 +178,7 @@ def _top_p_threshold(x, top_p, interpret, setting):
         shift = 32 - _BITS * (k + 1)
         kernel = functools.partial(
             _kernel, vocab=vocab, block=block, per=per, top_p=top_p, shift=shift, first=k == 0,
-            evict=not interpret,
+            evict=not interpret, skip=k >= skip_from,
         )  # fmt: skip
         sums, prefix = pl.pallas_call(
             kernel,

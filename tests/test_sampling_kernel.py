@@ -39,7 +39,9 @@ def _reference(x: np.ndarray, top_p: float):
     levels=st.sampled_from([0, 3, 40]),  # 0: continuous; else that many distinct values (ties)
     masked=st.booleans(),
     top_p=st.sampled_from([0.5, 0.9, 0.99]),
-    setting=st.sampled_from([(128, 4, 4, 1), (32, 3, 4, 1), (256, 8, 4, 1)]),  # 3 groups: uneven split
+    setting=st.sampled_from(
+        [(128, 4, 4, 1, 8), (32, 3, 4, 1, 1), (256, 8, 4, 1, 3)]
+    ),  # 3 groups: uneven split
 )
 def test_kernel_threshold_equals_the_xla_search(seed, vocab, scale, levels, masked, top_p, setting):
     rs = np.random.RandomState(seed)
