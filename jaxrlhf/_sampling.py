@@ -259,7 +259,11 @@ def _top_p_kernel(how: SearchMethod, scaled: jax.Array) -> bool:
     from jaxrlhf.sharding import current_mesh
 
     mesh = current_mesh()
-    return jax.default_backend() == "gpu" and (mesh is None or mesh.size == 1)
+    if jax.default_backend() != "gpu" or (mesh is not None and mesh.size > 1):
+        return False
+    from jaxrlhf._sampling_kernel import available
+
+    return available()  # compiled once; a failure is logged and the XLA passes run
 
 
 _DRAW_CHUNK = 128  # the cdf draw: chunk masses over this many tokens, then one chunk's tokens

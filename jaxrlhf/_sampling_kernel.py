@@ -31,10 +31,13 @@ kept set is otherwise the XLA path's, which the tests check in Pallas' interpret
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import jax
 import jax.numpy as jnp
+
+logger = logging.getLogger("jaxrlhf.sampling")
 
 RADIX = 16  # 4 bits a pass
 _BITS = 4
@@ -65,14 +68,17 @@ def _kernel(
 ):  # fmt: skip
     """Program (b, g): one pass over blocks ``g * per .. g * per + per - 1`` of row b.
 
-    x_ref [V] f32 (the row), m_ref [16] (the row max, broadcast), z_ref / prev_ref [G, 16] (pass 1's
+    x_ref [1, V] f32 (the row), m_ref [16] (the row max, broadcast), z_ref / prev_ref [G, 16] (pass 1's
     and the last pass's partial sums of this row), pfx_ref [16] int32 (the last pass's prefix, broadcast);
     writes out_ref [16] (this program's partial sums) and pfx_out_ref [16] (this pass's prefix).
 
     ``skip``: keys above the bracket ``[prefix, prefix | 2^(shift+4) - 1]`` (the bits decided so far) count
     in every sum and keys below it in none, so only bracket keys need the 16 compares; a block without one
     adds its above-bracket mass to a [block] accumulator and skips the [16, block] tile (late passes, whose
-    bracket holds a few hundred keys of the row, skip most blocks)."""
+    bracket holds a few hundred keys of the row, skip most blocks).
+
+    Everything per block is 2-D: keys and weights ``[1, block]`` (loaded so), candidates ``[16, 1]``, so the
+    ``[16, block]`` compare broadcasts without a layout change."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -85,9 +91,11 @@ def _kernel(
         target = jnp.float32(top_p) * jnp.sum(z_ref[:, 0])
         best = _pick(jnp.sum(prev_ref[...], axis=0), target, lane)
         prefix = jnp.max(pfx_ref[...]) | (best << (shift + _BITS))
-    cand = (prefix | (lane << shift)) ^ jnp.int32(_INT_MIN)  # [16]: the signed images of the candidates
+    lane2 = jax.lax.broadcasted_iota(jnp.int32, (RADIX, 1), 0)
+    cand = (prefix | (lane2 << shift)) ^ jnp.int32(_INT_MIN)  # [16, 1]: the candidates' signed images
+    lo = prefix ^ jnp.int32(_INT_MIN)  # = cand[0]
     n_blocks = -(-vocab // block)
-    offs = jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
+    offs = jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
 
     top_bits = (1 << (shift + _BITS)) - 1
     hi = (prefix | jnp.int32(top_bits - (1 << 32) if top_bits >= 1 << 31 else top_bits)) ^ jnp.int32(_INT_MIN)
@@ -96,21 +104,21 @@ def _kernel(
         c = g * per + i
         start = jnp.minimum(c * block, vocab - block)  # the last block ends at V (overlap masked below)
         keep = ((start + offs) >= c * block) & (c < n_blocks)
-        x = plgpu.load(x_ref.at[pl.ds(start, block)], eviction_policy="evict_last" if evict else None)
+        x = plgpu.load(x_ref.at[:, pl.ds(start, block)], eviction_policy="evict_last" if evict else None)
         return jnp.where(keep, jnp.exp(x - m), 0.0), _signed_keys(x)
 
     def body(i, acc):
         w, key = load(i)
-        return acc + jnp.where(key[None, :] >= cand[:, None], w[None, :], 0.0)
+        return acc + jnp.where(key >= cand, w, 0.0)
 
     def body_skip(i, carry):
         tile, above = carry
         w, key = load(i)
-        inside = (key >= cand[0]) & (key <= hi)
+        inside = (key >= lo) & (key <= hi)  # [1, block]
         above = above + jnp.where(key > hi, w, 0.0)
         tile = jax.lax.cond(
             jnp.max(jnp.where(inside & (w > 0), 1, 0)) > 0,  # (Triton lowers no reduce_or)
-            lambda t: t + jnp.where((key[None, :] >= cand[:, None]) & inside[None, :], w[None, :], 0.0),
+            lambda t: t + jnp.where((key >= cand) & inside, w, 0.0),
             lambda t: t,
             tile,
         )
@@ -118,7 +126,7 @@ def _kernel(
 
     zeros = jnp.zeros((RADIX, block), jnp.float32)
     if skip:
-        tile, above = jax.lax.fori_loop(0, per, body_skip, (zeros, jnp.zeros((block,), jnp.float32)))
+        tile, above = jax.lax.fori_loop(0, per, body_skip, (zeros, jnp.zeros((1, block), jnp.float32)))
         out_ref[...] = jnp.sum(tile, axis=1) + jnp.sum(above)
     else:
         out_ref[...] = jnp.sum(jax.lax.fori_loop(0, per, body, zeros), axis=1)
@@ -137,6 +145,28 @@ def tuning() -> tuple[int, int, int, int, int]:
     except ValueError:
         raise ValueError(f"JAXRLHF_TOPP_TUNING={raw!r}: want 'block,groups,warps,stages,skip'") from None
     return block, groups, warps, stages, skip
+
+
+def available() -> bool:
+    """Whether the kernels compile on this backend with the current :func:`tuning` (tried once per
+    setting on a [2, 4096] row; a Triton lowering this JAX lacks, or a setting Triton refuses, logs a
+    warning and :func:`jaxrlhf._sampling.candidates` runs the XLA passes instead, never failing the run)."""
+    return _available(tuning())
+
+
+@functools.cache
+def _available(setting: tuple[int, int, int, int, int]) -> bool:
+    try:
+        probe = jax.ShapeDtypeStruct((2, 4096), jnp.float32)
+        jax.jit(lambda x: top_p_threshold(x, 0.9, setting=setting)).lower(probe).compile()
+        return True
+    except Exception as e:  # noqa: BLE001 (any lowering / compile failure means: use the XLA passes)
+        first = str(e).splitlines()[0] if str(e) else ""
+        logger.warning(
+            "top-p Pallas kernels (setting %s) do not compile here (%s: %s); using the XLA radix passes",
+            setting, type(e).__name__, first[:200],
+        )  # fmt: skip
+        return False
 
 
 def top_p_threshold(
@@ -183,7 +213,7 @@ def _top_p_threshold(x, top_p, interpret, setting):
         sums, prefix = pl.pallas_call(
             kernel,
             grid=(rows, groups),
-            in_specs=[pl.BlockSpec((None, vocab), lambda i, j: (i, 0)), row16, rowg, rowg, row16],
+            in_specs=[pl.BlockSpec((None, 1, vocab), lambda i, j: (i, 0, 0)), row16, rowg, rowg, row16],
             out_specs=[
                 pl.BlockSpec((None, None, RADIX), lambda i, j: (i, j, 0)),
                 pl.BlockSpec((None, None, RADIX), lambda i, j: (i, j, 0)),
@@ -195,7 +225,7 @@ def _top_p_threshold(x, top_p, interpret, setting):
             compiler_params=params,
             interpret=interpret,
             name=f"jaxrlhf_top_p_pass{k}",
-        )(x, m, z, sums, prefix[:, 0])
+        )(x[:, None, :], m, z, sums, prefix[:, 0])
         if k == 0:
             z = sums
     total = jnp.sum(z[:, :, 0], axis=1)

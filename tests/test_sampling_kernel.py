@@ -93,3 +93,14 @@ def test_gpu_kernel_falls_back_to_xla_off_gpu():
         jnp.zeros((2, 64))
     )
     assert "pallas_call" in str(jaxpr)
+
+
+def test_a_kernel_that_does_not_compile_is_logged_and_reported_unavailable(monkeypatch, caplog):
+    """available(): a compile failure (here: the CPU backend refusing non-interpreted Pallas) is a logged
+    warning and False, so candidates() keeps the XLA passes instead of failing the run."""
+    from jaxrlhf import _sampling_kernel as sk
+
+    monkeypatch.setenv("JAXRLHF_TOPP_TUNING", "64,2,4,1,3")  # a setting of its own: a fresh cache entry
+    with caplog.at_level("WARNING", logger="jaxrlhf.sampling"):
+        assert sk.available() is False
+    assert "do not compile here" in caplog.text and "64, 2, 4, 1, 3" in caplog.text
