@@ -44,7 +44,7 @@ _BITS = 4
 _INT_MIN = -(2**31)
 # block, programs per row, num_warps, num_stages, first pass whose blocks skip the 16-way tile when none of
 # their keys lies in the pass' bracket (8 = none skips)
-DEFAULT_SETTING = (256, 8, 4, 1, 3)
+DEFAULT_SETTING = (256, 16, 4, 1, 3)
 
 
 def _signed_keys(x: jax.Array) -> jax.Array:
