@@ -10,6 +10,7 @@ One JSON line per (case, setting); "xla" is jaxrlhf._sampling._threshold over th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -24,7 +25,64 @@ import numpy as np  # noqa: E402
 from jaxrlhf._sampling import _ordered_keys, _threshold  # noqa: E402
 from jaxrlhf._sampling_kernel import top_p_threshold  # noqa: E402
 
-SETTINGS = ["256,8,4,1,3", "256,8,4,1,8", "128,16,4,1,3", "512,8,8,1,3", "256,16,8,1,2"]
+SETTINGS = [
+    "256,16,4,1,3",
+    "256,16,4,2,3",
+    "256,16,4,3,3",
+    "256,16,4,1,3,2",
+    "256,16,4,1,3,4",
+    "256,16,4,1,3,1,1",
+    "256,16,4,1,3,2,1",
+    "256,16,8,1,3,2,1",
+    "512,16,8,1,3,2,1",
+    "256,32,4,1,3,2,1",
+    "128,32,4,1,3,4,1",
+    "256,16,4,2,3,2,1",
+]
+
+
+def floor_kernel(x: jax.Array, block: int, groups: int, warps: int, what: str) -> jax.Array:
+    """Diagnostic (not a threshold): one pass with the kernels' grid and loads doing only ``what`` per key,
+    "read" (sum x) or "exp" (sum of exp(x - m) over keys >= 0: the loads, weights and keys of a pass
+    without the 16 compares), to tell a pass' memory / latency floor from its compute."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    from jaxrlhf._sampling_kernel import _signed_keys
+
+    rows, vocab = x.shape
+    n_blocks = -(-vocab // block)
+    per = -(-n_blocks // groups)
+
+    def kernel(x_ref, m_ref, o_ref):
+        g = pl.program_id(1)
+        offs = jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
+        m = jnp.max(m_ref[...])
+
+        def body(i, acc):
+            c = g * per + i
+            start = jnp.minimum(c * block, vocab - block)
+            keep = ((start + offs) >= c * block) & (c < n_blocks)
+            v = plgpu.load(x_ref.at[:, pl.ds(start, block)], eviction_policy="evict_last")
+            if what == "read":
+                return acc + jnp.where(keep, v, 0.0)
+            return acc + jnp.where(keep & (_signed_keys(v) >= 0), jnp.exp(v - m), 0.0)
+
+        o_ref[...] = jnp.broadcast_to(jnp.sum(jax.lax.fori_loop(0, per, body, jnp.zeros((1, block)))), (16,))
+
+    m = jnp.broadcast_to(jnp.max(x, axis=-1, keepdims=True), (rows, 16))
+    out = pl.pallas_call(
+        kernel,
+        grid=(rows, groups),
+        in_specs=[
+            pl.BlockSpec((None, 1, vocab), lambda i, j: (i, 0, 0)),
+            pl.BlockSpec((None, 16), lambda i, j: (i, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, None, 16), lambda i, j: (i, j, 0)),
+        out_shape=jax.ShapeDtypeStruct((rows, groups, 16), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
+    )(x[:, None, :], m)
+    return out[:, 0, 0]
 
 
 def timed(f, x, iters: int) -> float:
@@ -54,6 +112,7 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--iters", type=int, default=64)
     ap.add_argument("--settings", nargs="+", default=SETTINGS)
+    ap.add_argument("--floor", action="store_true", help="also time one-pass floor kernels (diagnostic)")
     args = ap.parse_args()
     card = jax.devices()[0].device_kind
     for case, scale in (("flat", 0.5), ("peaked", 3.0)):
@@ -66,6 +125,21 @@ def main() -> None:
         want = np.asarray(jax.jit(xla)(x))
         us = timed(xla, x, args.iters)
         print(json.dumps(dict(case=case, setting="xla", us_per_call=round(us, 1), card=card)), flush=True)
+        mx = jax.jit(lambda z: jnp.max(z, axis=-1))
+        us = timed(mx, x, args.iters)
+        print(json.dumps(dict(case=case, setting="xla row max alone", us_per_call=round(us, 1))), flush=True)
+        if args.floor and case == "flat":
+            for what in ("read", "exp"):
+                for block, groups, warps in ((256, 16, 4), (256, 32, 4), (512, 16, 8), (1024, 16, 8)):
+                    row = dict(case=case, floor=what, block=block, groups=groups, warps=warps)
+                    try:
+                        fn = functools.partial(
+                            floor_kernel, block=block, groups=groups, warps=warps, what=what
+                        )
+                        row["us_per_pass"] = round(timed(fn, x, args.iters), 1)
+                    except Exception as e:  # noqa: BLE001 (a diagnostic: report and go on)
+                        row["error"] = str(e).splitlines()[0][:200]
+                    print(json.dumps(row), flush=True)
         for raw in args.settings:
             setting = tuple(int(v) for v in raw.split(","))
 

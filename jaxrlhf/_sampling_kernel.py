@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,9 +43,21 @@ logger = logging.getLogger("jaxrlhf.sampling")
 RADIX = 16  # 4 bits a pass
 _BITS = 4
 _INT_MIN = -(2**31)
-# block, programs per row, num_warps, num_stages, first pass whose blocks skip the 16-way tile when none of
-# their keys lies in the pass' bracket (8 = none skips)
-DEFAULT_SETTING = (256, 16, 4, 1, 3)
+
+
+class Tuning(NamedTuple):
+    """How the passes run (not what they compute)."""
+
+    block: int  # keys per load (a power of two; capped at the largest one <= V)
+    groups: int  # programs per row (each a contiguous run of blocks)
+    warps: int  # Triton num_warps
+    stages: int  # Triton num_stages
+    skip: int  # first pass whose blocks skip the [16, block] tile when no key is in the bracket (8: none)
+    unroll: int = 1  # blocks loaded per loop iteration (more loads in flight per program)
+    fused_max: int = 0  # 1: pass 1 finds its own blocks' max (no XLA max pass; partials rescaled after)
+
+
+DEFAULT_SETTING = Tuning(256, 16, 4, 1, 3)
 
 
 def _signed_keys(x: jax.Array) -> jax.Array:
@@ -63,19 +76,22 @@ def _pick(sums: jax.Array, target: jax.Array, lane: jax.Array) -> jax.Array:
 
 
 def _kernel(
-    x_ref, m_ref, z_ref, prev_ref, pfx_ref, out_ref, pfx_out_ref,
-    *, vocab, block, per, top_p, shift, first, evict, skip,
+    x_ref, m_ref, z_ref, prev_ref, pfx_ref, out_ref, pfx_out_ref, *mg_out,
+    vocab, block, per, unroll, top_p, shift, first, evict, skip, fused_max,
 ):  # fmt: skip
     """Program (b, g): one pass over blocks ``g * per .. g * per + per - 1`` of row b.
 
-    x_ref [1, V] f32 (the row), m_ref [16] (the row max, broadcast), z_ref / prev_ref [G, 16] (pass 1's
-    and the last pass's partial sums of this row), pfx_ref [16] int32 (the last pass's prefix, broadcast);
-    writes out_ref [16] (this program's partial sums) and pfx_out_ref [16] (this pass's prefix).
+    x_ref [1, V] f32 (the row); m_ref [G, 16] (each program's weight origin ``m_g``: the row max broadcast,
+    or with ``fused_max`` the max over program g's own blocks, written by pass 1 into ``mg_out``); z_ref /
+    prev_ref [G, 16] (pass 1's and the last pass' partial sums of this row: pass 1's relative to ``m_g``,
+    later ones to the row max ``m = max_g m_g``), pfx_ref [16] int32 (the last pass' prefix, broadcast);
+    writes out_ref [16] (this program's partial sums) and pfx_out_ref [16] (this pass' prefix).
 
     ``skip``: keys above the bracket ``[prefix, prefix | 2^(shift+4) - 1]`` (the bits decided so far) count
     in every sum and keys below it in none, so only bracket keys need the 16 compares; a block without one
     adds its above-bracket mass to a [block] accumulator and skips the [16, block] tile (late passes, whose
-    bracket holds a few hundred keys of the row, skip most blocks).
+    bracket holds a few hundred keys of the row, skip most blocks). ``unroll`` blocks are loaded per loop
+    iteration before any is used.
 
     Everything per block is 2-D: keys and weights ``[1, block]`` (loaded so), candidates ``[16, 1]``, so the
     ``[16, block]`` compare broadcasts without a layout change."""
@@ -84,67 +100,94 @@ def _kernel(
 
     g = pl.program_id(1)
     lane = jax.lax.broadcasted_iota(jnp.int32, (RADIX,), 0)
-    m = jnp.max(m_ref[...])
+    n_blocks = -(-vocab // block)
+    offs = jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
+
+    def load_x(c):
+        start = jnp.minimum(c * block, vocab - block)  # the last block ends at V (overlap masked below)
+        keep = ((start + offs) >= c * block) & (c < n_blocks)
+        x = plgpu.load(x_ref.at[:, pl.ds(start, block)], eviction_policy="evict_last" if evict else None)
+        return keep, x
+
+    if first and fused_max:  # this program's origin: the max over its own blocks (found in L2 next loop)
+
+        def body_max(i, mx):
+            for r in range(unroll):
+                keep, x = load_x(g * per + i * unroll + r)
+                mx = jnp.maximum(mx, jnp.where(keep, x, -jnp.inf))
+            return mx
+
+        m = jnp.max(jax.lax.fori_loop(0, per // unroll, body_max, jnp.full((1, block), -jnp.inf)))
+        m = jnp.where(m == -jnp.inf, 0.0, m)  # no finite key here: any origin (all weights are 0)
+        mg_out[0][...] = jnp.broadcast_to(m, (RADIX,))
+    elif first:
+        m = jnp.max(m_ref[...])
+    else:
+        m_g = m_ref[:, 0]  # [G]
+        m = jnp.max(m_g)
+        scale = jnp.exp(m_g - m)  # pass 1's partials -> weights relative to the row max (1 without fused_max)
+        target = jnp.float32(top_p) * jnp.sum(z_ref[:, 0] * scale)
+        prev = prev_ref[...]
+        if shift == 32 - 2 * _BITS:  # the last pass was pass 1
+            prev = prev * scale[:, None]
+        best = _pick(jnp.sum(prev, axis=0), target, lane)
+        prefix = jnp.max(pfx_ref[...]) | (best << (shift + _BITS))
     if first:
         prefix = jnp.int32(0)
-    else:  # the digit of the last pass, from its partial sums of this row
-        target = jnp.float32(top_p) * jnp.sum(z_ref[:, 0])
-        best = _pick(jnp.sum(prev_ref[...], axis=0), target, lane)
-        prefix = jnp.max(pfx_ref[...]) | (best << (shift + _BITS))
     lane2 = jax.lax.broadcasted_iota(jnp.int32, (RADIX, 1), 0)
     cand = (prefix | (lane2 << shift)) ^ jnp.int32(_INT_MIN)  # [16, 1]: the candidates' signed images
     lo = prefix ^ jnp.int32(_INT_MIN)  # = cand[0]
-    n_blocks = -(-vocab // block)
-    offs = jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
 
     top_bits = (1 << (shift + _BITS)) - 1
     hi = (prefix | jnp.int32(top_bits - (1 << 32) if top_bits >= 1 << 31 else top_bits)) ^ jnp.int32(_INT_MIN)
 
-    def load(i):
-        c = g * per + i
-        start = jnp.minimum(c * block, vocab - block)  # the last block ends at V (overlap masked below)
-        keep = ((start + offs) >= c * block) & (c < n_blocks)
-        x = plgpu.load(x_ref.at[:, pl.ds(start, block)], eviction_policy="evict_last" if evict else None)
-        return jnp.where(keep, jnp.exp(x - m), 0.0), _signed_keys(x)
+    def load(i):  # the unroll blocks of iteration i: weights and keys
+        out = []
+        for r in range(unroll):
+            keep, x = load_x(g * per + i * unroll + r)
+            out.append((jnp.where(keep, jnp.exp(x - m), 0.0), _signed_keys(x)))
+        return out
 
     def body(i, acc):
-        w, key = load(i)
-        return acc + jnp.where(key >= cand, w, 0.0)
+        for w, key in load(i):
+            acc = acc + jnp.where(key >= cand, w, 0.0)
+        return acc
 
     def body_skip(i, carry):
         tile, above = carry
-        w, key = load(i)
-        inside = (key >= lo) & (key <= hi)  # [1, block]
-        above = above + jnp.where(key > hi, w, 0.0)
-        tile = jax.lax.cond(
-            jnp.max(jnp.where(inside & (w > 0), 1, 0)) > 0,  # (Triton lowers no reduce_or)
-            lambda t: t + jnp.where((key >= cand) & inside, w, 0.0),
-            lambda t: t,
-            tile,
-        )
+        for w, key in load(i):
+            inside = (key >= lo) & (key <= hi)  # [1, block]
+            above = above + jnp.where(key > hi, w, 0.0)
+            tile = jax.lax.cond(
+                jnp.max(jnp.where(inside & (w > 0), 1, 0)) > 0,  # (Triton lowers no reduce_or)
+                lambda t, w=w, key=key, inside=inside: t + jnp.where((key >= cand) & inside, w, 0.0),
+                lambda t: t,
+                tile,
+            )
         return tile, above
 
     zeros = jnp.zeros((RADIX, block), jnp.float32)
+    steps = per // unroll
     if skip:
-        tile, above = jax.lax.fori_loop(0, per, body_skip, (zeros, jnp.zeros((1, block), jnp.float32)))
+        tile, above = jax.lax.fori_loop(0, steps, body_skip, (zeros, jnp.zeros((1, block), jnp.float32)))
         out_ref[...] = jnp.sum(tile, axis=1) + jnp.sum(above)
     else:
-        out_ref[...] = jnp.sum(jax.lax.fori_loop(0, per, body, zeros), axis=1)
+        out_ref[...] = jnp.sum(jax.lax.fori_loop(0, steps, body, zeros), axis=1)
     pfx_out_ref[...] = jnp.broadcast_to(prefix, (RADIX,))
 
 
-def tuning() -> tuple[int, int, int, int, int]:
-    """``(block, programs per row, num_warps, num_stages, first skipping pass)``: the defaults, or the
-    benchmarks' sweep override ``JAXRLHF_TOPP_TUNING="block,groups,warps,stages,skip"`` (read at trace
-    time)."""
+def tuning() -> Tuning:
+    """The defaults, or the benchmarks' sweep override ``JAXRLHF_TOPP_TUNING="block,groups,warps,stages,skip
+    [,unroll[,fused_max]]"`` (read at trace time)."""
     raw = os.environ.get("JAXRLHF_TOPP_TUNING")
     if not raw:
         return DEFAULT_SETTING
     try:
-        block, groups, warps, stages, skip = (int(v) for v in raw.split(","))
-    except ValueError:
-        raise ValueError(f"JAXRLHF_TOPP_TUNING={raw!r}: want 'block,groups,warps,stages,skip'") from None
-    return block, groups, warps, stages, skip
+        return Tuning(*(int(v) for v in raw.split(",")))
+    except (ValueError, TypeError):
+        raise ValueError(
+            f"JAXRLHF_TOPP_TUNING={raw!r}: want 'block,groups,warps,stages,skip[,unroll[,fused_max]]'"
+        ) from None
 
 
 def available() -> bool:
@@ -155,7 +198,7 @@ def available() -> bool:
 
 
 @functools.cache
-def _available(setting: tuple[int, int, int, int, int]) -> bool:
+def _available(setting: Tuning) -> bool:
     try:
         probe = jax.ShapeDtypeStruct((2, 4096), jnp.float32)
         jax.jit(lambda x: top_p_threshold(x, 0.9, setting=setting)).lower(probe).compile()
@@ -164,7 +207,7 @@ def _available(setting: tuple[int, int, int, int, int]) -> bool:
         first = str(e).splitlines()[0] if str(e) else ""
         logger.warning(
             "top-p Pallas kernels (setting %s) do not compile here (%s: %s); using the XLA radix passes",
-            setting, type(e).__name__, first[:200],
+            tuple(setting), type(e).__name__, first[:200],
         )  # fmt: skip
         return False
 
@@ -174,61 +217,68 @@ def top_p_threshold(
     top_p: float,
     *,
     interpret: bool = False,
-    setting: tuple[int, int, int, int, int] | None = None,
+    setting: Tuning | tuple[int, ...] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """``(tau [B] uint32, mass [B] f32)``: the top-p threshold key of each row of ``x [B, V]`` (f32 scaled,
     masked logits; every row holds a finite value) and the kept mass ``S(tau) / Z`` (the nucleus' share of
     the distribution). Kept set: ``_ordered_keys(x) >= tau``. ``interpret``: Pallas' interpreter (CPU tests);
-    ``setting``: ``(block, programs per row, num_warps, num_stages, first skipping pass)``."""
-    block, groups, warps, stages, skip = setting or tuning()
+    ``setting``: a :class:`Tuning` (or its fields as a tuple); ``None`` = :func:`tuning`."""
+    t = Tuning(*setting) if setting is not None else tuning()
     vocab = x.shape[-1]
-    block = min(block, 1 << (max(vocab, 16).bit_length() - 1))  # a power of two <= V
-    return _top_p_threshold(x, float(top_p), bool(interpret), (block, groups, warps, stages, skip))
+    block = min(t.block, 1 << (max(vocab, 16).bit_length() - 1))  # a power of two <= V
+    t = t._replace(block=block, unroll=max(1, t.unroll), fused_max=int(bool(t.fused_max)))
+    return _top_p_threshold(x, float(top_p), bool(interpret), t)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _top_p_threshold(x, top_p, interpret, setting):
+def _top_p_threshold(x, top_p, interpret, t: Tuning):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
-    block, groups, warps, stages, skip_from = setting
     rows, vocab = x.shape
     x = x.astype(jnp.float32)
-    n_blocks = -(-vocab // block)
-    groups = max(1, min(groups, n_blocks))
+    n_blocks = -(-vocab // t.block)
+    groups = max(1, min(t.groups, n_blocks))
     per = -(-n_blocks // groups)
-    m = jnp.broadcast_to(jnp.max(x, axis=-1, keepdims=True), (rows, RADIX))
-    row16 = pl.BlockSpec((None, RADIX), lambda i, j: (i, 0))
+    per = -(-per // t.unroll) * t.unroll  # whole iterations (blocks past the row are masked)
     rowg = pl.BlockSpec((None, groups, RADIX), lambda i, j: (i, 0, 0))
-    params = None if interpret else plgpu.CompilerParams(num_warps=warps, num_stages=stages)
+    part = pl.BlockSpec((None, None, RADIX), lambda i, j: (i, j, 0))
+    row16 = pl.BlockSpec((None, RADIX), lambda i, j: (i, 0))
+    params = None if interpret else plgpu.CompilerParams(num_warps=t.warps, num_stages=t.stages)
     sums = jnp.zeros((rows, groups, RADIX), jnp.float32)
     z = sums
     prefix = jnp.zeros((rows, groups, RADIX), jnp.int32)
+    if t.fused_max:
+        m_g = sums  # pass 1 writes it
+    else:
+        m_g = jnp.broadcast_to(jnp.max(x, axis=-1)[:, None, None], (rows, groups, RADIX))
     for k in range(32 // _BITS):
         shift = 32 - _BITS * (k + 1)
+        fused = bool(t.fused_max) and k == 0
         kernel = functools.partial(
-            _kernel, vocab=vocab, block=block, per=per, top_p=top_p, shift=shift, first=k == 0,
-            evict=not interpret, skip=k >= skip_from,
+            _kernel, vocab=vocab, block=t.block, per=per, unroll=t.unroll, top_p=top_p, shift=shift,
+            first=k == 0, evict=not interpret, skip=k >= t.skip, fused_max=fused,
         )  # fmt: skip
-        sums, prefix = pl.pallas_call(
+        f32 = jax.ShapeDtypeStruct((rows, groups, RADIX), jnp.float32)
+        i32 = jax.ShapeDtypeStruct((rows, groups, RADIX), jnp.int32)
+        out = pl.pallas_call(
             kernel,
             grid=(rows, groups),
-            in_specs=[pl.BlockSpec((None, 1, vocab), lambda i, j: (i, 0, 0)), row16, rowg, rowg, row16],
-            out_specs=[
-                pl.BlockSpec((None, None, RADIX), lambda i, j: (i, j, 0)),
-                pl.BlockSpec((None, None, RADIX), lambda i, j: (i, j, 0)),
-            ],
-            out_shape=[
-                jax.ShapeDtypeStruct((rows, groups, RADIX), jnp.float32),
-                jax.ShapeDtypeStruct((rows, groups, RADIX), jnp.int32),
-            ],
+            in_specs=[pl.BlockSpec((None, 1, vocab), lambda i, j: (i, 0, 0)), rowg, rowg, rowg, row16],
+            out_specs=[part, part] + ([part] if fused else []),
+            out_shape=[f32, i32] + ([f32] if fused else []),
             compiler_params=params,
             interpret=interpret,
             name=f"jaxrlhf_top_p_pass{k}",
-        )(x[:, None, :], m, z, sums, prefix[:, 0])
+        )(x[:, None, :], m_g, z, sums, prefix[:, 0])
+        sums, prefix = out[0], out[1]
+        if fused:
+            m_g = out[2]
         if k == 0:
             z = sums
-    total = jnp.sum(z[:, :, 0], axis=1)
+    m = jnp.max(m_g[:, :, 0], axis=1)
+    scale = jnp.exp(m_g[:, :, 0] - m[:, None])  # [B, G]: pass 1's partials relative to the row max
+    total = jnp.sum(z[:, :, 0] * scale, axis=1)
     row_sums = jnp.sum(sums, axis=1)  # [B, 16]
     lane = jnp.arange(RADIX, dtype=jnp.int32)
     ok = (row_sums >= jnp.float32(top_p) * total[:, None]) | (lane[None, :] == 0)

@@ -15,7 +15,7 @@ from jaxrlhf._sampling_kernel import _signed_keys, top_p_threshold
 
 
 @functools.cache
-def _kernel(top_p: float, setting: tuple[int, int, int, int]):
+def _kernel(top_p: float, setting: tuple[int, ...]):
     return jax.jit(lambda x: top_p_threshold(x, top_p, interpret=True, setting=setting))
 
 
@@ -40,8 +40,14 @@ def _reference(x: np.ndarray, top_p: float):
     masked=st.booleans(),
     top_p=st.sampled_from([0.5, 0.9, 0.99]),
     setting=st.sampled_from(
-        [(128, 4, 4, 1, 8), (32, 3, 4, 1, 1), (256, 8, 4, 1, 3)]
-    ),  # 3 groups: uneven split
+        [
+            (128, 4, 4, 1, 8),
+            (32, 3, 4, 1, 1, 2, 1),
+            (256, 8, 4, 1, 3),
+            (64, 5, 4, 1, 2, 3, 1),
+            (128, 2, 4, 1, 8, 1, 1),
+        ]
+    ),  # 3 or 5 groups: uneven splits; unroll 2 or 3 with blocks past the row; fused max
 )
 def test_kernel_threshold_equals_the_xla_search(seed, vocab, scale, levels, masked, top_p, setting):
     rs = np.random.RandomState(seed)
@@ -55,6 +61,20 @@ def test_kernel_threshold_equals_the_xla_search(seed, vocab, scale, levels, mask
     want, keys, kept, p = _reference(x, top_p)
     np.testing.assert_array_equal(np.asarray(tau), want)
     np.testing.assert_array_equal(keys >= np.asarray(tau)[:, None], kept)  # == the definition's nucleus
+    np.testing.assert_allclose(np.asarray(mass), (p * kept).sum(1), rtol=2e-6)
+
+
+@pytest.mark.parametrize("setting", [(64, 4, 4, 1, 3, 1, 1), (64, 4, 4, 1, 8, 2, 1), (64, 4, 4, 1, 2, 2, 0)])
+def test_fused_max_with_programs_that_hold_no_finite_key(setting):
+    """Pass 1 finding each program's own max: a program whose blocks are all -inf (origin 0, weight 0) and
+    rows whose max lies in one program only give the XLA search's threshold and mass."""
+    rs = np.random.RandomState(3)
+    x = (rs.randn(4, 1000) * np.array([[0.1], [1.0], [5.0], [40.0]])).astype(np.float32)
+    x[:, 250:750] = -np.inf  # programs 1 and 2 of 4 (256 keys each) see no finite key
+    x[1, 900] = 60.0  # row 1's max far above every other program's
+    tau, mass = _kernel(0.9, setting)(jnp.asarray(x))
+    want, keys, kept, p = _reference(x, 0.9)
+    np.testing.assert_array_equal(np.asarray(tau), want)
     np.testing.assert_allclose(np.asarray(mass), (p * kept).sum(1), rtol=2e-6)
 
 
