@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from jaxrlhf._sampling import _ordered_keys, _threshold  # noqa: E402
 from jaxrlhf._sampling_kernel import top_p_threshold  # noqa: E402
 
-SETTINGS = [
+SETTINGS = [  # block, groups, warps, stages, skip[, unroll[, fused_max[, grid]]]
     "256,16,4,1,3",
     "256,16,4,2,3",
     "256,16,4,3,3",
@@ -36,8 +36,11 @@ SETTINGS = [
     "256,16,8,1,3,2,1",
     "512,16,8,1,3,2,1",
     "256,32,4,1,3,2,1",
-    "128,32,4,1,3,4,1",
-    "256,16,4,2,3,2,1",
+    "256,16,4,1,1,1,0,1",
+    "256,16,4,1,2,1,0,1",
+    "256,16,4,1,1,2,0,1",
+    "256,16,4,2,1,2,0,1",
+    "256,32,4,1,1,2,0,1",
 ]
 
 

@@ -55,6 +55,7 @@ class Tuning(NamedTuple):
     skip: int  # first pass whose blocks skip the [16, block] tile when no key is in the bracket (8: none)
     unroll: int = 1  # blocks loaded per loop iteration (more loads in flight per program)
     fused_max: int = 0  # 1: pass 1 finds its own blocks' max (no XLA max pass; partials rescaled after)
+    grid: int = 0  # 1: a first pass over 16 values spread over [min, max], then radix digits of its bracket
 
 
 DEFAULT_SETTING = Tuning(256, 16, 4, 1, 3)
@@ -75,23 +76,69 @@ def _pick(sums: jax.Array, target: jax.Array, lane: jax.Array) -> jax.Array:
     return jnp.max(jnp.where(ok, lane, 0))
 
 
+def _low_mask(w: jax.Array) -> jax.Array:
+    """int32 with the low ``w`` bits set (0 <= w <= 32)."""
+    return jnp.where(w >= 32, jnp.int32(-1), (jnp.int32(1) << jnp.minimum(w, 31)) - 1)
+
+
+def _bit_length(v: jax.Array) -> jax.Array:
+    """Bits needed for ``v`` read as uint32 (32 when the top bit is set): ``sum_b [v >> b != 0]`` over
+    b = 0..31 with the arithmetic shift (a negative v is nonzero at every shift)."""
+    b = jax.lax.broadcasted_iota(jnp.int32, (32,), 0)
+    return jnp.sum(jnp.where((v >> b) != 0, 1, 0))
+
+
+def _grid(m: jax.Array, mn: jax.Array, lane: jax.Array) -> jax.Array:
+    """The value-grid pass' 16 candidates (decreasing): ``m - j (m - mn) / 15`` for j < 15, and ``mn``."""
+    delta = (m - mn) / jnp.float32(RADIX - 1)
+    return jnp.where(lane == RADIX - 1, mn, m - lane.astype(jnp.float32) * delta)
+
+
+def _bracket_after_grid(
+    sums: jax.Array, target: jax.Array, m: jax.Array, mn: jax.Array, lane: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``(lo, w)`` (int32 bits of the uint32 keys): the aligned bracket ``[lo, lo | (2^w - 1)]`` holding the
+    threshold after the grid pass' sums ``S(c_j)`` (non-decreasing in j; ``S(c_15) = Z``).
+
+    With ``j*`` the smallest j whose sum reaches the target, the threshold lies in
+    ``[K(c_j*), K(c_j*-1) - 1]`` (``[K(m), K(m)]`` for ``j* = 0``); ``w`` = the bit length of
+    ``lo_key ^ hi_key`` (their differing low bits), ``lo`` = their common prefix."""
+    c = _grid(m, mn, lane)
+    jstar = jnp.min(jnp.where(sums >= target, lane, RADIX - 1))
+    lo_c = jnp.max(jnp.where(lane == jstar, c, -jnp.inf))
+    hi_c = jnp.max(jnp.where(lane == jstar - 1, c, -jnp.inf))
+    kl = _signed_keys(lo_c) ^ jnp.int32(_INT_MIN)
+    kh = jnp.where(
+        jstar == 0, _signed_keys(m) ^ jnp.int32(_INT_MIN), (_signed_keys(hi_c) ^ jnp.int32(_INT_MIN)) - 1
+    )
+    w = _bit_length(kl ^ kh)
+    return kl & ~_low_mask(w), w, jstar
+
+
 def _kernel(
-    x_ref, m_ref, z_ref, prev_ref, pfx_ref, out_ref, pfx_out_ref, *mg_out,
-    vocab, block, per, unroll, top_p, shift, first, evict, skip, fused_max,
+    x_ref, m_ref, mn_ref, z_ref, prev_ref, lo_ref, w_ref, out_ref, lo_out_ref, w_out_ref, *mg_out,
+    vocab, block, per, unroll, top_p, kind, z_lane, evict, skip, fused_max, rescale_prev,
 ):  # fmt: skip
     """Program (b, g): one pass over blocks ``g * per .. g * per + per - 1`` of row b.
 
     x_ref [1, V] f32 (the row); m_ref [G, 16] (each program's weight origin ``m_g``: the row max broadcast,
-    or with ``fused_max`` the max over program g's own blocks, written by pass 1 into ``mg_out``); z_ref /
-    prev_ref [G, 16] (pass 1's and the last pass' partial sums of this row: pass 1's relative to ``m_g``,
-    later ones to the row max ``m = max_g m_g``), pfx_ref [16] int32 (the last pass' prefix, broadcast);
-    writes out_ref [16] (this program's partial sums) and pfx_out_ref [16] (this pass' prefix).
+    or with ``fused_max`` the max over program g's own blocks, written by pass 1 into ``mg_out``); mn_ref [16]
+    (the row's smallest finite value, broadcast: the grid pass only); z_ref / prev_ref [G, 16] (pass 1's and
+    the last pass' partial sums of this row: pass 1's relative to ``m_g``, later ones to the row max
+    ``m = max_g m_g``; ``Z`` = pass 1's lane ``z_lane``), lo_ref / w_ref [16] int32 (the last pass' bracket
+    ``[lo, lo | (2^w - 1)]``, broadcast); writes out_ref [16] (this program's partial sums) and lo_out_ref /
+    w_out_ref [16] (this pass' bracket).
 
-    ``skip``: keys above the bracket ``[prefix, prefix | 2^(shift+4) - 1]`` (the bits decided so far) count
-    in every sum and keys below it in none, so only bracket keys need the 16 compares; a block without one
-    adds its above-bracket mass to a [block] accumulator and skips the [16, block] tile (late passes, whose
-    bracket holds a few hundred keys of the row, skip most blocks). ``unroll`` blocks are loaded per loop
-    iteration before any is used.
+    ``kind``: "radix" (the first pass of the radix search: bracket = every key), "grid" (a first pass whose
+    candidates are 16 values spread over ``[mn, m]``, :func:`_grid`), "after_grid" (the bracket from the grid
+    pass' sums, :func:`_bracket_after_grid`), "next" (the last bracket narrowed to the digit its sums pick).
+    In a bracket of ``w`` bits the candidates are ``lo | j << s``, ``s = max(w - 4, 0)``; a bracket of 0 bits
+    (found) makes the pass a no-op.
+
+    ``skip``: keys above the bracket count in every sum and keys below it in none, so only bracket keys need
+    the 16 compares; a block without one adds its above-bracket mass to a [block] accumulator and skips the
+    [16, block] tile (late passes, whose bracket holds a few hundred keys of the row, skip most blocks).
+    ``unroll`` blocks are loaded per loop iteration before any is used.
 
     Everything per block is 2-D: keys and weights ``[1, block]`` (loaded so), candidates ``[16, 1]``, so the
     ``[16, block]`` compare broadcasts without a layout change."""
@@ -100,8 +147,10 @@ def _kernel(
 
     g = pl.program_id(1)
     lane = jax.lax.broadcasted_iota(jnp.int32, (RADIX,), 0)
+    lane2 = jax.lax.broadcasted_iota(jnp.int32, (RADIX, 1), 0)
     n_blocks = -(-vocab // block)
     offs = jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
+    first = kind in ("radix", "grid")
 
     def load_x(c):
         start = jnp.minimum(c * block, vocab - block)  # the last block ends at V (overlap masked below)
@@ -120,26 +169,36 @@ def _kernel(
         m = jnp.max(jax.lax.fori_loop(0, per // unroll, body_max, jnp.full((1, block), -jnp.inf)))
         m = jnp.where(m == -jnp.inf, 0.0, m)  # no finite key here: any origin (all weights are 0)
         mg_out[0][...] = jnp.broadcast_to(m, (RADIX,))
-    elif first:
-        m = jnp.max(m_ref[...])
     else:
         m_g = m_ref[:, 0]  # [G]
         m = jnp.max(m_g)
+    if not first:
         scale = jnp.exp(m_g - m)  # pass 1's partials -> weights relative to the row max (1 without fused_max)
-        target = jnp.float32(top_p) * jnp.sum(z_ref[:, 0] * scale)
-        prev = prev_ref[...]
-        if shift == 32 - 2 * _BITS:  # the last pass was pass 1
-            prev = prev * scale[:, None]
-        best = _pick(jnp.sum(prev, axis=0), target, lane)
-        prefix = jnp.max(pfx_ref[...]) | (best << (shift + _BITS))
-    if first:
-        prefix = jnp.int32(0)
-    lane2 = jax.lax.broadcasted_iota(jnp.int32, (RADIX, 1), 0)
-    cand = (prefix | (lane2 << shift)) ^ jnp.int32(_INT_MIN)  # [16, 1]: the candidates' signed images
-    lo = prefix ^ jnp.int32(_INT_MIN)  # = cand[0]
+        target = jnp.float32(top_p) * jnp.sum(z_ref[:, z_lane] * scale)
+        parts = prev_ref[...]  # [G, 16]
+        if rescale_prev:  # the last pass was pass 1
+            parts = parts * scale[:, None]
+        prev = jnp.sum(parts, axis=0)
 
-    top_bits = (1 << (shift + _BITS)) - 1
-    hi = (prefix | jnp.int32(top_bits - (1 << 32) if top_bits >= 1 << 31 else top_bits)) ^ jnp.int32(_INT_MIN)
+    if kind == "grid":
+        mn = jnp.max(mn_ref[...])
+        cand = _signed_keys(_grid(m, mn, lane2.astype(jnp.int32)))  # [16, 1]
+        lo = w = jnp.int32(0)  # (no bracket: the grid pass never skips)
+    else:
+        if kind == "radix":
+            lo, w = jnp.int32(0), jnp.int32(32)
+        elif kind == "after_grid":
+            lo, w, sel = _bracket_after_grid(prev, target, m, jnp.max(mn_ref[...]), lane)
+        else:  # "next": narrow the last bracket to the digit its sums pick
+            w_prev = jnp.max(w_ref[...])
+            s_prev = jnp.maximum(w_prev - _BITS, 0)
+            sel = _pick(prev, target, lane)
+            lo = jnp.max(lo_ref[...]) | (sel << s_prev)
+            w = s_prev
+        s_now = jnp.maximum(w - _BITS, 0)
+        cand = (lo | (lane2 << s_now)) ^ jnp.int32(_INT_MIN)  # [16, 1]: the candidates' signed images
+    lo_s = lo ^ jnp.int32(_INT_MIN)  # the bracket's ends, signed images
+    hi_s = (lo | _low_mask(w)) ^ jnp.int32(_INT_MIN)
 
     def load(i):  # the unroll blocks of iteration i: weights and keys
         out = []
@@ -149,18 +208,18 @@ def _kernel(
         return out
 
     def body(i, acc):
-        for w, key in load(i):
-            acc = acc + jnp.where(key >= cand, w, 0.0)
+        for wt, key in load(i):
+            acc = acc + jnp.where(key >= cand, wt, 0.0)
         return acc
 
     def body_skip(i, carry):
         tile, above = carry
-        for w, key in load(i):
-            inside = (key >= lo) & (key <= hi)  # [1, block]
-            above = above + jnp.where(key > hi, w, 0.0)
+        for wt, key in load(i):
+            inside = (key >= lo_s) & (key <= hi_s)  # [1, block]
+            above = above + jnp.where(key > hi_s, wt, 0.0)
             tile = jax.lax.cond(
-                jnp.max(jnp.where(inside & (w > 0), 1, 0)) > 0,  # (Triton lowers no reduce_or)
-                lambda t, w=w, key=key, inside=inside: t + jnp.where((key >= cand) & inside, w, 0.0),
+                jnp.max(jnp.where(inside & (wt > 0), 1, 0)) > 0,  # (Triton lowers no reduce_or)
+                lambda t, wt=wt, key=key, inside=inside: t + jnp.where((key >= cand) & inside, wt, 0.0),
                 lambda t: t,
                 tile,
             )
@@ -168,12 +227,21 @@ def _kernel(
 
     zeros = jnp.zeros((RADIX, block), jnp.float32)
     steps = per // unroll
-    if skip:
-        tile, above = jax.lax.fori_loop(0, steps, body_skip, (zeros, jnp.zeros((1, block), jnp.float32)))
-        out_ref[...] = jnp.sum(tile, axis=1) + jnp.sum(above)
-    else:
-        out_ref[...] = jnp.sum(jax.lax.fori_loop(0, steps, body, zeros), axis=1)
-    pfx_out_ref[...] = jnp.broadcast_to(prefix, (RADIX,))
+
+    def run(_):
+        if skip:
+            tile, above = jax.lax.fori_loop(0, steps, body_skip, (zeros, jnp.zeros((1, block), jnp.float32)))
+            return jnp.sum(tile, axis=1) + jnp.sum(above)
+        return jnp.sum(jax.lax.fori_loop(0, steps, body, zeros), axis=1)
+
+    def found(_):  # a 0-bit bracket (the threshold lo is found): pass S(lo) on, this program's share of it
+        rows = jax.lax.broadcasted_iota(jnp.int32, parts.shape, 0)
+        mine = jnp.sum(jnp.where((rows == g) & (lane[None, :] == sel), parts, 0.0))
+        return jnp.where(lane == 0, mine, 0.0)
+
+    out_ref[...] = run(None) if first else jax.lax.cond(w > 0, run, found, None)
+    lo_out_ref[...] = jnp.broadcast_to(lo, (RADIX,))
+    w_out_ref[...] = jnp.broadcast_to(w, (RADIX,))
 
 
 def tuning() -> Tuning:
@@ -226,7 +294,16 @@ def top_p_threshold(
     t = Tuning(*setting) if setting is not None else tuning()
     vocab = x.shape[-1]
     block = min(t.block, 1 << (max(vocab, 16).bit_length() - 1))  # a power of two <= V
-    t = t._replace(block=block, unroll=max(1, t.unroll), fused_max=int(bool(t.fused_max)))
+    grid = int(bool(t.grid))
+    if grid and t.fused_max:
+        raise ValueError(f"top-p tuning {tuple(t)}: grid=1 needs the row max before pass 1 (fused_max=0)")
+    t = t._replace(
+        block=block,
+        unroll=max(1, t.unroll),
+        fused_max=int(bool(t.fused_max)),
+        grid=grid,
+        skip=max(t.skip, grid),
+    )
     return _top_p_threshold(x, float(top_p), bool(interpret), t)
 
 
@@ -245,44 +322,59 @@ def _top_p_threshold(x, top_p, interpret, t: Tuning):
     part = pl.BlockSpec((None, None, RADIX), lambda i, j: (i, j, 0))
     row16 = pl.BlockSpec((None, RADIX), lambda i, j: (i, 0))
     params = None if interpret else plgpu.CompilerParams(num_warps=t.warps, num_stages=t.stages)
+    f32 = jax.ShapeDtypeStruct((rows, groups, RADIX), jnp.float32)
+    i32 = jax.ShapeDtypeStruct((rows, groups, RADIX), jnp.int32)
     sums = jnp.zeros((rows, groups, RADIX), jnp.float32)
     z = sums
-    prefix = jnp.zeros((rows, groups, RADIX), jnp.int32)
+    lo = w = jnp.zeros((rows, groups, RADIX), jnp.int32)
+    mn = jnp.zeros((rows, RADIX), jnp.float32)
     if t.fused_max:
         m_g = sums  # pass 1 writes it
     else:
         m_g = jnp.broadcast_to(jnp.max(x, axis=-1)[:, None, None], (rows, groups, RADIX))
-    for k in range(32 // _BITS):
-        shift = 32 - _BITS * (k + 1)
+    if t.grid:
+        finite_min = jnp.min(jnp.where(x > -jnp.inf, x, jnp.inf), axis=-1)
+        mn = jnp.broadcast_to(finite_min[:, None], (rows, RADIX))
+        kinds = ["grid", "after_grid"] + ["next"] * 7
+    else:
+        kinds = ["radix"] + ["next"] * 7
+    for k, kind in enumerate(kinds):
         fused = bool(t.fused_max) and k == 0
         kernel = functools.partial(
-            _kernel, vocab=vocab, block=t.block, per=per, unroll=t.unroll, top_p=top_p, shift=shift,
-            first=k == 0, evict=not interpret, skip=k >= t.skip, fused_max=fused,
+            _kernel, vocab=vocab, block=t.block, per=per, unroll=t.unroll, top_p=top_p, kind=kind,
+            z_lane=RADIX - 1 if t.grid else 0, evict=not interpret, skip=k >= t.skip, fused_max=fused,
+            rescale_prev=bool(t.fused_max) and k == 1,
         )  # fmt: skip
-        f32 = jax.ShapeDtypeStruct((rows, groups, RADIX), jnp.float32)
-        i32 = jax.ShapeDtypeStruct((rows, groups, RADIX), jnp.int32)
         out = pl.pallas_call(
             kernel,
             grid=(rows, groups),
-            in_specs=[pl.BlockSpec((None, 1, vocab), lambda i, j: (i, 0, 0)), rowg, rowg, rowg, row16],
-            out_specs=[part, part] + ([part] if fused else []),
-            out_shape=[f32, i32] + ([f32] if fused else []),
+            in_specs=[
+                pl.BlockSpec((None, 1, vocab), lambda i, j: (i, 0, 0)),
+                rowg,
+                row16,
+                rowg,
+                rowg,
+                row16,
+                row16,
+            ],
+            out_specs=[part, part, part] + ([part] if fused else []),
+            out_shape=[f32, i32, i32] + ([f32] if fused else []),
             compiler_params=params,
             interpret=interpret,
             name=f"jaxrlhf_top_p_pass{k}",
-        )(x[:, None, :], m_g, z, sums, prefix[:, 0])
-        sums, prefix = out[0], out[1]
+        )(x[:, None, :], m_g, mn, z, sums, lo[:, 0], w[:, 0])
+        sums, lo, w = out[:3]
         if fused:
-            m_g = out[2]
+            m_g = out[3]
         if k == 0:
             z = sums
     m = jnp.max(m_g[:, :, 0], axis=1)
     scale = jnp.exp(m_g[:, :, 0] - m[:, None])  # [B, G]: pass 1's partials relative to the row max
-    total = jnp.sum(z[:, :, 0] * scale, axis=1)
+    total = jnp.sum(z[:, :, RADIX - 1 if t.grid else 0] * scale, axis=1)
     row_sums = jnp.sum(sums, axis=1)  # [B, 16]
     lane = jnp.arange(RADIX, dtype=jnp.int32)
     ok = (row_sums >= jnp.float32(top_p) * total[:, None]) | (lane[None, :] == 0)
     best = jnp.max(jnp.where(ok, lane[None, :], 0), axis=1)
-    tau = prefix[:, 0, 0] | best
+    tau = lo[:, 0, 0] | (best << jnp.maximum(w[:, 0, 0] - _BITS, 0))
     mass = jnp.take_along_axis(row_sums, best[:, None], axis=1)[:, 0] / total
     return jax.lax.bitcast_convert_type(tau, jnp.uint32), mass

@@ -29,7 +29,7 @@ def _reference(x: np.ndarray, top_p: float):
     return tau, np.asarray(keys), more_likely < top_p, p
 
 
-@hypothesis.settings(max_examples=12, deadline=None)
+@hypothesis.settings(max_examples=14, deadline=None)
 @hypothesis.given(
     seed=st.integers(0, 2**31 - 1),
     vocab=st.sampled_from(
@@ -46,8 +46,10 @@ def _reference(x: np.ndarray, top_p: float):
             (256, 8, 4, 1, 3),
             (64, 5, 4, 1, 2, 3, 1),
             (128, 2, 4, 1, 8, 1, 1),
+            (64, 4, 4, 1, 1, 1, 0, 1),
+            (32, 3, 4, 1, 8, 2, 0, 1),
         ]
-    ),  # 3 or 5 groups: uneven splits; unroll 2 or 3 with blocks past the row; fused max
+    ),  # 3 or 5 groups: uneven splits; unroll 2 or 3 with blocks past the row; fused max; value grid
 )
 def test_kernel_threshold_equals_the_xla_search(seed, vocab, scale, levels, masked, top_p, setting):
     rs = np.random.RandomState(seed)
@@ -76,6 +78,34 @@ def test_fused_max_with_programs_that_hold_no_finite_key(setting):
     want, keys, kept, p = _reference(x, 0.9)
     np.testing.assert_array_equal(np.asarray(tau), want)
     np.testing.assert_allclose(np.asarray(mass), (p * kept).sum(1), rtol=2e-6)
+
+
+@pytest.mark.parametrize("case", ["flat", "peaked", "one_token", "ties", "constant", "outlier_min", "masked"])
+def test_value_grid_first_pass_finds_the_threshold(case):
+    """grid=1: the first pass' 16 values over [min, max] and the radix digits of its bracket (of any
+    width: one key, a few bits, all 32) give the XLA search's threshold and the nucleus mass."""
+    rs = np.random.RandomState(11)
+    x = rs.randn(3, 700).astype(np.float32)
+    x = {
+        "flat": x * 0.05,
+        "peaked": x * 8.0,
+        "one_token": np.where(np.arange(700) == 5, 50.0, x).astype(np.float32),  # j* = 0: the max alone
+        "ties": np.floor(x * 2.0).astype(np.float32),
+        "constant": np.full_like(x, 1.5),  # min == max: a zero grid step
+        "outlier_min": np.where(np.arange(700) == 9, -3e38, x).astype(np.float32),  # a coarse grid
+        "masked": np.where(rs.rand(3, 700) < 0.5, -np.inf, x).astype(np.float32),
+    }[case]
+    x[:, 0] = np.maximum(x[:, 0], 0.0)
+    for setting in [(64, 4, 4, 1, 1, 1, 0, 1), (64, 4, 4, 1, 8, 2, 0, 1)]:
+        tau, mass = _kernel(0.9, setting)(jnp.asarray(x))
+        want, keys, kept, p = _reference(x, 0.9)
+        np.testing.assert_array_equal(np.asarray(tau), want)
+        np.testing.assert_allclose(np.asarray(mass), (p * kept).sum(1), rtol=2e-6)
+
+
+def test_value_grid_refuses_a_fused_max():
+    with pytest.raises(ValueError, match="grid=1 needs the row max"):
+        top_p_threshold(jnp.zeros((2, 64)), 0.9, interpret=True, setting=(32, 2, 4, 1, 3, 1, 1, 1))
 
 
 def test_signed_keys_order_like_the_unsigned_keys():
