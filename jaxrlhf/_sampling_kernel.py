@@ -55,7 +55,7 @@ class Tuning(NamedTuple):
     skip: int  # first pass whose blocks skip the [16, block] tile when no key is in the bracket (8: none)
     unroll: int = 1  # blocks loaded per loop iteration (more loads in flight per program)
     fused_max: int = 0  # 1: pass 1 finds its own blocks' max (no XLA max pass; partials rescaled after)
-    grid: int = 0  # 1: a first pass over 16 values spread over [min, max], then radix digits of its bracket
+    grid: int = 0  # 1: a first pass over 16 values spread over [min, max], then 16-way splits of its bracket
 
 
 DEFAULT_SETTING = Tuning(256, 16, 4, 1, 3)
@@ -70,22 +70,31 @@ def _signed_keys(x: jax.Array) -> jax.Array:
     return jnp.where(x == 0, jnp.int32(0), flipped)
 
 
-def _pick(sums: jax.Array, target: jax.Array, lane: jax.Array) -> jax.Array:
-    """The largest digit j (int32) whose sum reaches ``target`` (j = 0 always)."""
-    ok = (sums >= target) | (lane == 0)
-    return jnp.max(jnp.where(ok, lane, 0))
+def _ule(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a <= b`` for int32 holding uint32 bits."""
+    return (a ^ jnp.int32(_INT_MIN)) <= (b ^ jnp.int32(_INT_MIN))
 
 
-def _low_mask(w: jax.Array) -> jax.Array:
-    """int32 with the low ``w`` bits set (0 <= w <= 32)."""
-    return jnp.where(w >= 32, jnp.int32(-1), (jnp.int32(1) << jnp.minimum(w, 31)) - 1)
+def _step(lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """The candidates' spacing in the bracket ``[lo, hi]`` (uint32 bits in int32): with ``n = hi - lo + 1``
+    keys, ``floor((n - 1) / 16) + 1`` (>= n / 16, so 16 candidates ``lo + j step`` cover the bracket and the
+    digit picked leaves at most ``step`` keys: 2^32 keys take 8 passes)."""
+    return (((hi - lo) >> _BITS) & jnp.int32(0x0FFFFFFF)) + 1
 
 
-def _bit_length(v: jax.Array) -> jax.Array:
-    """Bits needed for ``v`` read as uint32 (32 when the top bit is set): ``sum_b [v >> b != 0]`` over
-    b = 0..31 with the arithmetic shift (a negative v is nonzero at every shift)."""
-    b = jax.lax.broadcasted_iota(jnp.int32, (32,), 0)
-    return jnp.sum(jnp.where((v >> b) != 0, 1, 0))
+def _narrow(
+    lo: jax.Array, hi: jax.Array, sums: jax.Array, target: jax.Array, lane: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(lo', hi', j)``: the bracket's candidate ``j`` = the largest one inside it (``j step <= hi - lo``)
+    whose sum ``S(lo + j step)`` reaches ``target`` (j = 0 always), and the keys from it up to the next
+    candidate (or ``hi``)."""
+    step = _step(lo, hi)
+    offset = lane * step  # [16]: j step < 2^32 (step <= 2^28)
+    ok = ((sums >= target) & _ule(offset, hi - lo)) | (lane == 0)
+    j = jnp.max(jnp.where(ok, lane, 0))
+    new_lo = lo + j * step
+    last = (j == RADIX - 1) | ~_ule((j + 1) * step, hi - lo)
+    return new_lo, jnp.where(last, hi, new_lo + step - 1), j
 
 
 def _grid(m: jax.Array, mn: jax.Array, lane: jax.Array) -> jax.Array:
@@ -96,13 +105,10 @@ def _grid(m: jax.Array, mn: jax.Array, lane: jax.Array) -> jax.Array:
 
 def _bracket_after_grid(
     sums: jax.Array, target: jax.Array, m: jax.Array, mn: jax.Array, lane: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """``(lo, w)`` (int32 bits of the uint32 keys): the aligned bracket ``[lo, lo | (2^w - 1)]`` holding the
-    threshold after the grid pass' sums ``S(c_j)`` (non-decreasing in j; ``S(c_15) = Z``).
-
-    With ``j*`` the smallest j whose sum reaches the target, the threshold lies in
-    ``[K(c_j*), K(c_j*-1) - 1]`` (``[K(m), K(m)]`` for ``j* = 0``); ``w`` = the bit length of
-    ``lo_key ^ hi_key`` (their differing low bits), ``lo`` = their common prefix."""
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(lo, hi, j*)``: the bracket of keys (uint32 bits in int32) holding the threshold after the grid
+    pass' sums ``S(c_j)`` (non-decreasing in j; ``S(c_15) = Z``): with ``j*`` the smallest j whose sum
+    reaches the target, ``[K(c_j*), K(c_j*-1) - 1]`` (``[K(m), K(m)]`` for ``j* = 0``)."""
     c = _grid(m, mn, lane)
     jstar = jnp.min(jnp.where(sums >= target, lane, RADIX - 1))
     lo_c = jnp.max(jnp.where(lane == jstar, c, -jnp.inf))
@@ -111,12 +117,11 @@ def _bracket_after_grid(
     kh = jnp.where(
         jstar == 0, _signed_keys(m) ^ jnp.int32(_INT_MIN), (_signed_keys(hi_c) ^ jnp.int32(_INT_MIN)) - 1
     )
-    w = _bit_length(kl ^ kh)
-    return kl & ~_low_mask(w), w, jstar
+    return kl, kh, jstar
 
 
 def _kernel(
-    x_ref, m_ref, mn_ref, z_ref, prev_ref, lo_ref, w_ref, out_ref, lo_out_ref, w_out_ref, *mg_out,
+    x_ref, m_ref, mn_ref, z_ref, prev_ref, lo_ref, hi_ref, out_ref, lo_out_ref, hi_out_ref, *mg_out,
     vocab, block, per, unroll, top_p, kind, z_lane, evict, skip, fused_max, rescale_prev,
 ):  # fmt: skip
     """Program (b, g): one pass over blocks ``g * per .. g * per + per - 1`` of row b.
@@ -125,15 +130,15 @@ def _kernel(
     or with ``fused_max`` the max over program g's own blocks, written by pass 1 into ``mg_out``); mn_ref [16]
     (the row's smallest finite value, broadcast: the grid pass only); z_ref / prev_ref [G, 16] (pass 1's and
     the last pass' partial sums of this row: pass 1's relative to ``m_g``, later ones to the row max
-    ``m = max_g m_g``; ``Z`` = pass 1's lane ``z_lane``), lo_ref / w_ref [16] int32 (the last pass' bracket
-    ``[lo, lo | (2^w - 1)]``, broadcast); writes out_ref [16] (this program's partial sums) and lo_out_ref /
-    w_out_ref [16] (this pass' bracket).
+    ``m = max_g m_g``; ``Z`` = pass 1's lane ``z_lane``), lo_ref / hi_ref [16] int32 (the last pass' bracket
+    of keys ``[lo, hi]``, uint32 bits, broadcast); writes out_ref [16] (this program's partial sums) and
+    lo_out_ref / hi_out_ref [16] (this pass' bracket).
 
     ``kind``: "radix" (the first pass of the radix search: bracket = every key), "grid" (a first pass whose
     candidates are 16 values spread over ``[mn, m]``, :func:`_grid`), "after_grid" (the bracket from the grid
-    pass' sums, :func:`_bracket_after_grid`), "next" (the last bracket narrowed to the digit its sums pick).
-    In a bracket of ``w`` bits the candidates are ``lo | j << s``, ``s = max(w - 4, 0)``; a bracket of 0 bits
-    (found) makes the pass a no-op.
+    pass' sums, :func:`_bracket_after_grid`), "next" (the last bracket narrowed to the candidate its sums
+    pick, :func:`_narrow`). In a bracket the candidates are ``lo + j step`` (:func:`_step`: the radix digits
+    when the bracket is all 2^32 keys); a bracket of one key (found) makes the pass a no-op.
 
     ``skip``: keys above the bracket count in every sum and keys below it in none, so only bracket keys need
     the 16 compares; a block without one adds its above-bracket mass to a [block] accumulator and skips the
@@ -182,23 +187,18 @@ def _kernel(
 
     if kind == "grid":
         mn = jnp.max(mn_ref[...])
-        cand = _signed_keys(_grid(m, mn, lane2.astype(jnp.int32)))  # [16, 1]
-        lo = w = jnp.int32(0)  # (no bracket: the grid pass never skips)
+        cand = _signed_keys(_grid(m, mn, lane2))  # [16, 1]
+        lo, hi = jnp.int32(0), jnp.int32(-1)  # (the grid pass never skips)
     else:
         if kind == "radix":
-            lo, w = jnp.int32(0), jnp.int32(32)
+            lo, hi = jnp.int32(0), jnp.int32(-1)
         elif kind == "after_grid":
-            lo, w, sel = _bracket_after_grid(prev, target, m, jnp.max(mn_ref[...]), lane)
-        else:  # "next": narrow the last bracket to the digit its sums pick
-            w_prev = jnp.max(w_ref[...])
-            s_prev = jnp.maximum(w_prev - _BITS, 0)
-            sel = _pick(prev, target, lane)
-            lo = jnp.max(lo_ref[...]) | (sel << s_prev)
-            w = s_prev
-        s_now = jnp.maximum(w - _BITS, 0)
-        cand = (lo | (lane2 << s_now)) ^ jnp.int32(_INT_MIN)  # [16, 1]: the candidates' signed images
+            lo, hi, sel = _bracket_after_grid(prev, target, m, jnp.max(mn_ref[...]), lane)
+        else:  # "next": narrow the last bracket to the candidate its sums pick
+            lo, hi, sel = _narrow(jnp.max(lo_ref[...]), jnp.max(hi_ref[...]), prev, target, lane)
+        cand = (lo + lane2 * _step(lo, hi)) ^ jnp.int32(_INT_MIN)  # [16, 1]: the candidates' signed images
     lo_s = lo ^ jnp.int32(_INT_MIN)  # the bracket's ends, signed images
-    hi_s = (lo | _low_mask(w)) ^ jnp.int32(_INT_MIN)
+    hi_s = hi ^ jnp.int32(_INT_MIN)
 
     def load(i):  # the unroll blocks of iteration i: weights and keys
         out = []
@@ -234,14 +234,14 @@ def _kernel(
             return jnp.sum(tile, axis=1) + jnp.sum(above)
         return jnp.sum(jax.lax.fori_loop(0, steps, body, zeros), axis=1)
 
-    def found(_):  # a 0-bit bracket (the threshold lo is found): pass S(lo) on, this program's share of it
+    def found(_):  # a one-key bracket (the threshold lo is found): pass S(lo) on, this program's share of it
         rows = jax.lax.broadcasted_iota(jnp.int32, parts.shape, 0)
         mine = jnp.sum(jnp.where((rows == g) & (lane[None, :] == sel), parts, 0.0))
         return jnp.where(lane == 0, mine, 0.0)
 
-    out_ref[...] = run(None) if first else jax.lax.cond(w > 0, run, found, None)
+    out_ref[...] = run(None) if first else jax.lax.cond(lo != hi, run, found, None)
     lo_out_ref[...] = jnp.broadcast_to(lo, (RADIX,))
-    w_out_ref[...] = jnp.broadcast_to(w, (RADIX,))
+    hi_out_ref[...] = jnp.broadcast_to(hi, (RADIX,))
 
 
 def tuning() -> Tuning:
@@ -326,7 +326,7 @@ def _top_p_threshold(x, top_p, interpret, t: Tuning):
     i32 = jax.ShapeDtypeStruct((rows, groups, RADIX), jnp.int32)
     sums = jnp.zeros((rows, groups, RADIX), jnp.float32)
     z = sums
-    lo = w = jnp.zeros((rows, groups, RADIX), jnp.int32)
+    lo = hi = jnp.zeros((rows, groups, RADIX), jnp.int32)
     mn = jnp.zeros((rows, RADIX), jnp.float32)
     if t.fused_max:
         m_g = sums  # pass 1 writes it
@@ -362,8 +362,8 @@ def _top_p_threshold(x, top_p, interpret, t: Tuning):
             compiler_params=params,
             interpret=interpret,
             name=f"jaxrlhf_top_p_pass{k}",
-        )(x[:, None, :], m_g, mn, z, sums, lo[:, 0], w[:, 0])
-        sums, lo, w = out[:3]
+        )(x[:, None, :], m_g, mn, z, sums, lo[:, 0], hi[:, 0])
+        sums, lo, hi = out[:3]
         if fused:
             m_g = out[3]
         if k == 0:
@@ -373,8 +373,8 @@ def _top_p_threshold(x, top_p, interpret, t: Tuning):
     total = jnp.sum(z[:, :, RADIX - 1 if t.grid else 0] * scale, axis=1)
     row_sums = jnp.sum(sums, axis=1)  # [B, 16]
     lane = jnp.arange(RADIX, dtype=jnp.int32)
-    ok = (row_sums >= jnp.float32(top_p) * total[:, None]) | (lane[None, :] == 0)
-    best = jnp.max(jnp.where(ok, lane[None, :], 0), axis=1)
-    tau = lo[:, 0, 0] | (best << jnp.maximum(w[:, 0, 0] - _BITS, 0))
+    tau, _, best = jax.vmap(_narrow, in_axes=(0, 0, 0, 0, None))(
+        lo[:, 0, 0], hi[:, 0, 0], row_sums, jnp.float32(top_p) * total, lane
+    )
     mass = jnp.take_along_axis(row_sums, best[:, None], axis=1)[:, 0] / total
     return jax.lax.bitcast_convert_type(tau, jnp.uint32), mass
