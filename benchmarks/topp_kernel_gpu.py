@@ -25,12 +25,13 @@ import numpy as np  # noqa: E402
 from jaxrlhf._sampling import _ordered_keys, _threshold  # noqa: E402
 from jaxrlhf._sampling_kernel import top_p_threshold  # noqa: E402
 
-SETTINGS = [  # block, groups, warps, stages, skip[, unroll[, fused_max[, grid]]]
+SETTINGS = [  # block, groups, warps, stages, skip[, unroll[, fused_max[, grid[, pred]]]]
     "256,16,4,1,3",
     "256,16,4,2,3",
     "256,16,4,3,3",
     "256,16,4,1,3,2",
     "256,16,4,1,3,4",
+    "256,16,4,1,3,1,0,0,1",
     "256,16,4,1,3,1,1",
     "256,16,4,1,3,2,1",
     "256,16,8,1,3,2,1",
@@ -41,6 +42,8 @@ SETTINGS = [  # block, groups, warps, stages, skip[, unroll[, fused_max[, grid]]
     "256,16,4,1,1,2,0,1",
     "256,16,4,2,1,2,0,1",
     "256,32,4,1,1,2,0,1",
+    "256,16,4,1,1,2,0,1,1",
+    "256,16,4,1,2,2,0,1,1",
 ]
 
 

@@ -1,6 +1,6 @@
-"""The top-p threshold search as GPU kernels (Pallas, Triton backend): 8 radix passes, no sort.
+"""The top-p threshold search as GPU kernels (Pallas, Triton backend): 8 or 9 passes over the row, no sort.
 
-Shapes: B rows, V vocabulary, G programs per row (each a contiguous run of blocks), 16 = 2^4 digit values.
+Shapes: B rows, V vocabulary, G programs per row (each a contiguous run of blocks), 16 candidates a pass.
 
 Per row of the scaled, masked logits ``x [B, V]`` (f32, -inf = excluded) with ``m = max_v x_v`` the kernels
 find the same threshold as :func:`jaxrlhf._sampling._threshold` with weights ``w_v = exp(x_v - m)`` and
@@ -10,10 +10,15 @@ probabilities): the largest key ``t`` with
     S(t) = sum_v w_v [key_v >= t]  >=  top_p * Z
 
 (``key`` = :func:`jaxrlhf._sampling._ordered_keys`, an order-preserving uint32 image of the float). ``S`` is
-non-increasing in ``t``, so ``t`` is fixed 4 bits at a time from the top: with the bits above ``shift``
-decided (``prefix``), pass k computes the 16 sums ``S(prefix | j << shift)``, j = 0..15, and the next pass
-takes the largest j whose sum reaches the target (j = 0 always qualifies: ``S(prefix) >= target`` holds
-from the pass before). Eight passes give all 32 bits.
+non-increasing in ``t``, so ``t`` is found by narrowing a bracket of keys ``[lo, hi]`` that holds it: a pass
+computes the 16 sums ``S(lo + j step)`` (``step`` = :func:`_step`, about a 16th of the bracket), and the
+next pass narrows the bracket to the keys from the largest candidate whose sum reaches the target up to the
+next candidate (the first candidate, ``lo``, always qualifies). From the bracket of all 2^32 keys the
+candidates are the radix digits (4 bits a pass) and eight passes give all 32 bits. With ``Tuning.grid`` the
+first pass instead sums above 16 values spread over the row's ``[min, max]`` (a bracket of the values
+between two of them, which on 128k-token rows holds 5-20% of the keys where the first radix digits keep half
+or more: one or two fewer passes that touch every block), then 8 narrowing passes; a pass whose bracket is
+one key does nothing but pass ``S(t)`` on.
 
 Why kernels: in XLA each pass is a 15-output reduction that reads the keys and the probabilities (64 MB at
 [64, 128256]) plus the second-stage reduction XLA adds for 128k-long rows, ~41 us a pass on an H200
@@ -56,6 +61,7 @@ class Tuning(NamedTuple):
     unroll: int = 1  # blocks loaded per loop iteration (more loads in flight per program)
     fused_max: int = 0  # 1: pass 1 finds its own blocks' max (no XLA max pass; partials rescaled after)
     grid: int = 0  # 1: a first pass over 16 values spread over [min, max], then 16-way splits of its bracket
+    pred: int = 0  # 1: the tile adds as select(p, acc + w, acc) (a predicated add) instead of acc + select
 
 
 DEFAULT_SETTING = Tuning(256, 16, 4, 1, 3)
@@ -120,9 +126,14 @@ def _bracket_after_grid(
     return kl, kh, jstar
 
 
+def _add_where(p: jax.Array, acc: jax.Array, w: jax.Array, pred: int) -> jax.Array:
+    """``acc + w`` where ``p``: as a select of the sum (``pred``: a predicated add) or an add of a select."""
+    return jnp.where(p, acc + w, acc) if pred else acc + jnp.where(p, w, 0.0)
+
+
 def _kernel(
     x_ref, m_ref, mn_ref, z_ref, prev_ref, lo_ref, hi_ref, out_ref, lo_out_ref, hi_out_ref, *mg_out,
-    vocab, block, per, unroll, top_p, kind, z_lane, evict, skip, fused_max, rescale_prev,
+    vocab, block, per, unroll, top_p, kind, z_lane, evict, skip, fused_max, rescale_prev, pred,
 ):  # fmt: skip
     """Program (b, g): one pass over blocks ``g * per .. g * per + per - 1`` of row b.
 
@@ -209,7 +220,7 @@ def _kernel(
 
     def body(i, acc):
         for wt, key in load(i):
-            acc = acc + jnp.where(key >= cand, wt, 0.0)
+            acc = _add_where(key >= cand, acc, wt, pred)
         return acc
 
     def body_skip(i, carry):
@@ -219,7 +230,7 @@ def _kernel(
             above = above + jnp.where(key > hi_s, wt, 0.0)
             tile = jax.lax.cond(
                 jnp.max(jnp.where(inside & (wt > 0), 1, 0)) > 0,  # (Triton lowers no reduce_or)
-                lambda t, wt=wt, key=key, inside=inside: t + jnp.where((key >= cand) & inside, wt, 0.0),
+                lambda t, wt=wt, key=key, inside=inside: _add_where((key >= cand) & inside, t, wt, pred),
                 lambda t: t,
                 tile,
             )
@@ -343,7 +354,7 @@ def _top_p_threshold(x, top_p, interpret, t: Tuning):
         kernel = functools.partial(
             _kernel, vocab=vocab, block=t.block, per=per, unroll=t.unroll, top_p=top_p, kind=kind,
             z_lane=RADIX - 1 if t.grid else 0, evict=not interpret, skip=k >= t.skip, fused_max=fused,
-            rescale_prev=bool(t.fused_max) and k == 1,
+            rescale_prev=bool(t.fused_max) and k == 1, pred=t.pred,
         )  # fmt: skip
         out = pl.pallas_call(
             kernel,

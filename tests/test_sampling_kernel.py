@@ -44,12 +44,12 @@ def _reference(x: np.ndarray, top_p: float):
             (128, 4, 4, 1, 8),
             (32, 3, 4, 1, 1, 2, 1),
             (256, 8, 4, 1, 3),
-            (64, 5, 4, 1, 2, 3, 1),
+            (64, 5, 4, 1, 2, 3, 1, 0, 1),
             (128, 2, 4, 1, 8, 1, 1),
             (64, 4, 4, 1, 1, 1, 0, 1),
-            (32, 3, 4, 1, 8, 2, 0, 1),
+            (32, 3, 4, 1, 8, 2, 0, 1, 1),
         ]
-    ),  # 3 or 5 groups: uneven splits; unroll 2 or 3 with blocks past the row; fused max; value grid
+    ),  # 3 or 5 groups (uneven splits), unroll 2 or 3 (blocks past the row), fused max, value grid, pred
 )
 def test_kernel_threshold_equals_the_xla_search(seed, vocab, scale, levels, masked, top_p, setting):
     rs = np.random.RandomState(seed)
