@@ -45,9 +45,11 @@ import jax.numpy as jnp
 
 logger = logging.getLogger("jaxrlhf.sampling")
 
-RADIX = 16  # 4 bits a pass
+RADIX = 16  # candidates a pass (4 bits of the radix search)
 _BITS = 4
 _INT_MIN = -(2**31)
+_KEY_NEG_INF = -2139095041  # _signed_keys(-inf) = 0xFF800000 ^ 0x7FFFFFFF as int32
+_KEY_POS_INF = 0x7F800000  # _signed_keys(+inf)
 
 
 class Tuning(NamedTuple):
@@ -59,12 +61,11 @@ class Tuning(NamedTuple):
     stages: int  # Triton num_stages
     skip: int  # first pass whose blocks skip the [16, block] tile when no key is in the bracket (8: none)
     unroll: int = 1  # blocks loaded per loop iteration (more loads in flight per program)
-    fused_max: int = 0  # 1: pass 1 finds its own blocks' max (no XLA max pass; partials rescaled after)
     grid: int = 0  # 1: a first pass over 16 values spread over [min, max], then 16-way splits of its bracket
     pred: int = 0  # 1: the tile adds as select(p, acc + w, acc) (a predicated add) instead of acc + select
 
 
-DEFAULT_SETTING = Tuning(256, 16, 4, 1, 3)
+DEFAULT_SETTING = Tuning(256, 16, 4, 1, 3, 4)
 
 
 def _signed_keys(x: jax.Array) -> jax.Array:
@@ -76,6 +77,18 @@ def _signed_keys(x: jax.Array) -> jax.Array:
     return jnp.where(x == 0, jnp.int32(0), flipped)
 
 
+def _key_float(k: jax.Array) -> jax.Array:
+    """A float ``f`` with ``x >= f  <=>  _signed_keys(x) >= k`` for every non-NaN f32 ``x`` and int32 ``k``:
+    the float whose key is ``k`` (the inverse of :func:`_signed_keys`; ``k = -1``, the key of no float,
+    gives -0.0, which every x >= 0 passes), -inf below the key of -inf and NaN above the key of +inf (keys
+    of NaN bit patterns). The kernels compare floats, not keys: no per-key bit work, FP32 compares; ``<=`` /
+    ``>`` a key ``k`` are ``not >=`` / ``>=`` the key ``k + 1``."""
+    bits = jnp.where(k >= 0, k, k ^ jnp.int32(0x7FFFFFFF))
+    f = jax.lax.bitcast_convert_type(bits, jnp.float32)
+    f = jnp.where(k < jnp.int32(_KEY_NEG_INF), jnp.float32(-jnp.inf), f)
+    return jnp.where(k > jnp.int32(_KEY_POS_INF), jnp.float32(jnp.nan), f)
+
+
 def _ule(a: jax.Array, b: jax.Array) -> jax.Array:
     """``a <= b`` for int32 holding uint32 bits."""
     return (a ^ jnp.int32(_INT_MIN)) <= (b ^ jnp.int32(_INT_MIN))
@@ -84,7 +97,7 @@ def _ule(a: jax.Array, b: jax.Array) -> jax.Array:
 def _step(lo: jax.Array, hi: jax.Array) -> jax.Array:
     """The candidates' spacing in the bracket ``[lo, hi]`` (uint32 bits in int32): with ``n = hi - lo + 1``
     keys, ``floor((n - 1) / 16) + 1`` (>= n / 16, so 16 candidates ``lo + j step`` cover the bracket and the
-    digit picked leaves at most ``step`` keys: 2^32 keys take 8 passes)."""
+    candidate picked leaves at most ``step`` keys: 2^32 keys take 8 passes)."""
     return (((hi - lo) >> _BITS) & jnp.int32(0x0FFFFFFF)) + 1
 
 
@@ -95,8 +108,7 @@ def _narrow(
     whose sum ``S(lo + j step)`` reaches ``target`` (j = 0 always), and the keys from it up to the next
     candidate (or ``hi``)."""
     step = _step(lo, hi)
-    offset = lane * step  # [16]: j step < 2^32 (step <= 2^28)
-    ok = ((sums >= target) & _ule(offset, hi - lo)) | (lane == 0)
+    ok = ((sums >= target) & _ule(lane * step, hi - lo)) | (lane == 0)  # j step < 2^32 (step <= 2^28)
     j = jnp.max(jnp.where(ok, lane, 0))
     new_lo = lo + j * step
     last = (j == RADIX - 1) | ~_ule((j + 1) * step, hi - lo)
@@ -131,25 +143,63 @@ def _add_where(p: jax.Array, acc: jax.Array, w: jax.Array, pred: int) -> jax.Arr
     return jnp.where(p, acc + w, acc) if pred else acc + jnp.where(p, w, 0.0)
 
 
+def _blocks(x_ref, g, *, vocab, block, per, unroll, evict):
+    """``load(i)``: the ``unroll`` blocks of program g's loop iteration i, each ``(keep [1, block] bool,
+    x [1, block] f32)``; the last block of the row ends at V (its overlap with the one before is not kept)
+    and blocks past the row keep nothing."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    n_blocks = -(-vocab // block)
+    offs = jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
+
+    def one(c):
+        start = jnp.minimum(c * block, vocab - block)
+        keep = ((start + offs) >= c * block) & (c < n_blocks)
+        x = plgpu.load(x_ref.at[:, pl.ds(start, block)], eviction_policy="evict_last" if evict else None)
+        return keep, x
+
+    return lambda i: [one(g * per + i * unroll + r) for r in range(unroll)]
+
+
+def _minmax_kernel(x_ref, max_ref, min_ref, *, vocab, block, per, unroll, evict):
+    """Pass 0, program (b, g): the max and the smallest finite value of its blocks (-inf / +inf if none),
+    broadcast into max_ref / min_ref [16]."""
+    from jax.experimental import pallas as pl
+
+    load = _blocks(x_ref, pl.program_id(1), vocab=vocab, block=block, per=per, unroll=unroll, evict=evict)
+
+    def body(i, carry):
+        hi, lo = carry
+        for keep, x in load(i):
+            hi = jnp.maximum(hi, jnp.where(keep, x, -jnp.inf))
+            lo = jnp.minimum(lo, jnp.where(keep & (x > -jnp.inf), x, jnp.inf))
+        return hi, lo
+
+    init = (jnp.full((1, block), -jnp.inf, jnp.float32), jnp.full((1, block), jnp.inf, jnp.float32))
+    hi, lo = jax.lax.fori_loop(0, per // unroll, body, init)
+    max_ref[...] = jnp.broadcast_to(jnp.max(hi), (RADIX,))
+    min_ref[...] = jnp.broadcast_to(jnp.min(lo), (RADIX,))
+
+
 def _kernel(
-    x_ref, m_ref, mn_ref, z_ref, prev_ref, lo_ref, hi_ref, out_ref, lo_out_ref, hi_out_ref, *mg_out,
-    vocab, block, per, unroll, top_p, kind, z_lane, evict, skip, fused_max, rescale_prev, pred,
+    x_ref, max_ref, min_ref, z_ref, prev_ref, lo_ref, hi_ref, out_ref, lo_out_ref, hi_out_ref,
+    *, vocab, block, per, unroll, top_p, kind, z_lane, evict, skip, pred,
 ):  # fmt: skip
     """Program (b, g): one pass over blocks ``g * per .. g * per + per - 1`` of row b.
 
-    x_ref [1, V] f32 (the row); m_ref [G, 16] (each program's weight origin ``m_g``: the row max broadcast,
-    or with ``fused_max`` the max over program g's own blocks, written by pass 1 into ``mg_out``); mn_ref [16]
-    (the row's smallest finite value, broadcast: the grid pass only); z_ref / prev_ref [G, 16] (pass 1's and
-    the last pass' partial sums of this row: pass 1's relative to ``m_g``, later ones to the row max
-    ``m = max_g m_g``; ``Z`` = pass 1's lane ``z_lane``), lo_ref / hi_ref [16] int32 (the last pass' bracket
-    of keys ``[lo, hi]``, uint32 bits, broadcast); writes out_ref [16] (this program's partial sums) and
-    lo_out_ref / hi_out_ref [16] (this pass' bracket).
+    x_ref [1, V] f32 (the row); max_ref / min_ref [G, 16] (pass 0's maxima and finite minima of this row's
+    programs: ``m``, ``mn`` = their max / min); z_ref / prev_ref [G, 16] (pass 1's and the last pass' partial
+    sums of this row; ``Z`` = pass 1's lane ``z_lane``); lo_ref / hi_ref [G, 16] int32 (the last pass'
+    bracket of keys ``[lo, hi]``, uint32 bits, the same in every entry); writes out_ref [16] (this program's
+    partial sums) and lo_out_ref / hi_out_ref [16] (this pass' bracket).
 
     ``kind``: "radix" (the first pass of the radix search: bracket = every key), "grid" (a first pass whose
     candidates are 16 values spread over ``[mn, m]``, :func:`_grid`), "after_grid" (the bracket from the grid
     pass' sums, :func:`_bracket_after_grid`), "next" (the last bracket narrowed to the candidate its sums
     pick, :func:`_narrow`). In a bracket the candidates are ``lo + j step`` (:func:`_step`: the radix digits
-    when the bracket is all 2^32 keys); a bracket of one key (found) makes the pass a no-op.
+    when the bracket is all 2^32 keys); a bracket of one key (found) makes the pass a no-op that passes its
+    share of ``S(lo)`` on. Keys are compared as floats (:func:`_key_float`).
 
     ``skip``: keys above the bracket count in every sum and keys below it in none, so only bracket keys need
     the 16 compares; a block without one adds its above-bracket mass to a [block] accumulator and skips the
@@ -159,78 +209,51 @@ def _kernel(
     Everything per block is 2-D: keys and weights ``[1, block]`` (loaded so), candidates ``[16, 1]``, so the
     ``[16, block]`` compare broadcasts without a layout change."""
     from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plgpu
 
     g = pl.program_id(1)
     lane = jax.lax.broadcasted_iota(jnp.int32, (RADIX,), 0)
     lane2 = jax.lax.broadcasted_iota(jnp.int32, (RADIX, 1), 0)
-    n_blocks = -(-vocab // block)
-    offs = jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
     first = kind in ("radix", "grid")
-
-    def load_x(c):
-        start = jnp.minimum(c * block, vocab - block)  # the last block ends at V (overlap masked below)
-        keep = ((start + offs) >= c * block) & (c < n_blocks)
-        x = plgpu.load(x_ref.at[:, pl.ds(start, block)], eviction_policy="evict_last" if evict else None)
-        return keep, x
-
-    if first and fused_max:  # this program's origin: the max over its own blocks (found in L2 next loop)
-
-        def body_max(i, mx):
-            for r in range(unroll):
-                keep, x = load_x(g * per + i * unroll + r)
-                mx = jnp.maximum(mx, jnp.where(keep, x, -jnp.inf))
-            return mx
-
-        m = jnp.max(jax.lax.fori_loop(0, per // unroll, body_max, jnp.full((1, block), -jnp.inf)))
-        m = jnp.where(m == -jnp.inf, 0.0, m)  # no finite key here: any origin (all weights are 0)
-        mg_out[0][...] = jnp.broadcast_to(m, (RADIX,))
-    else:
-        m_g = m_ref[:, 0]  # [G]
-        m = jnp.max(m_g)
+    load = _blocks(x_ref, g, vocab=vocab, block=block, per=per, unroll=unroll, evict=evict)
+    m = jnp.max(max_ref[...])
     if not first:
-        scale = jnp.exp(m_g - m)  # pass 1's partials -> weights relative to the row max (1 without fused_max)
-        target = jnp.float32(top_p) * jnp.sum(z_ref[:, z_lane] * scale)
+        target = jnp.float32(top_p) * jnp.sum(z_ref[:, z_lane])
         parts = prev_ref[...]  # [G, 16]
-        if rescale_prev:  # the last pass was pass 1
-            parts = parts * scale[:, None]
         prev = jnp.sum(parts, axis=0)
 
     if kind == "grid":
-        mn = jnp.max(mn_ref[...])
-        cand = _signed_keys(_grid(m, mn, lane2))  # [16, 1]
+        cand = _grid(m, jnp.min(min_ref[...]), lane2)  # [16, 1] floats
         lo, hi = jnp.int32(0), jnp.int32(-1)  # (the grid pass never skips)
     else:
         if kind == "radix":
             lo, hi = jnp.int32(0), jnp.int32(-1)
         elif kind == "after_grid":
-            lo, hi, sel = _bracket_after_grid(prev, target, m, jnp.max(mn_ref[...]), lane)
+            lo, hi, sel = _bracket_after_grid(prev, target, m, jnp.min(min_ref[...]), lane)
         else:  # "next": narrow the last bracket to the candidate its sums pick
             lo, hi, sel = _narrow(jnp.max(lo_ref[...]), jnp.max(hi_ref[...]), prev, target, lane)
-        cand = (lo + lane2 * _step(lo, hi)) ^ jnp.int32(_INT_MIN)  # [16, 1]: the candidates' signed images
-    lo_s = lo ^ jnp.int32(_INT_MIN)  # the bracket's ends, signed images
-    hi_s = hi ^ jnp.int32(_INT_MIN)
+        cand_keys = (lo + lane2 * _step(lo, hi)) ^ jnp.int32(_INT_MIN)  # [16, 1]: signed images
+        cand = _key_float(cand_keys)  # x >= cand <=> key >= cand_key
+    lo_f = _key_float(lo ^ jnp.int32(_INT_MIN))  # x >= lo_f <=> key >= lo
+    hi_s = hi ^ jnp.int32(_INT_MIN)  # x >= above_f <=> key > hi (none above the largest key)
+    above_f = jnp.where(hi_s == jnp.int32(2**31 - 1), jnp.float32(jnp.nan), _key_float(hi_s + 1))
 
-    def load(i):  # the unroll blocks of iteration i: weights and keys
-        out = []
-        for r in range(unroll):
-            keep, x = load_x(g * per + i * unroll + r)
-            out.append((jnp.where(keep, jnp.exp(x - m), 0.0), _signed_keys(x)))
-        return out
+    def weights(i):
+        return [(jnp.where(keep, jnp.exp(x - m), 0.0), x) for keep, x in load(i)]
 
     def body(i, acc):
-        for wt, key in load(i):
-            acc = _add_where(key >= cand, acc, wt, pred)
+        for wt, x in weights(i):
+            acc = _add_where(x >= cand, acc, wt, pred)
         return acc
 
     def body_skip(i, carry):
         tile, above = carry
-        for wt, key in load(i):
-            inside = (key >= lo_s) & (key <= hi_s)  # [1, block]
-            above = above + jnp.where(key > hi_s, wt, 0.0)
+        for wt, x in weights(i):
+            up = x >= above_f
+            inside = (x >= lo_f) & ~up  # [1, block]
+            above = above + jnp.where(up, wt, 0.0)
             tile = jax.lax.cond(
                 jnp.max(jnp.where(inside & (wt > 0), 1, 0)) > 0,  # (Triton lowers no reduce_or)
-                lambda t, wt=wt, key=key, inside=inside: _add_where((key >= cand) & inside, t, wt, pred),
+                lambda t, wt=wt, x=x, inside=inside: _add_where((x >= cand) & inside, t, wt, pred),
                 lambda t: t,
                 tile,
             )
@@ -257,7 +280,7 @@ def _kernel(
 
 def tuning() -> Tuning:
     """The defaults, or the benchmarks' sweep override ``JAXRLHF_TOPP_TUNING="block,groups,warps,stages,skip
-    [,unroll[,fused_max]]"`` (read at trace time)."""
+    [,unroll[,grid[,pred]]]"`` (read at trace time)."""
     raw = os.environ.get("JAXRLHF_TOPP_TUNING")
     if not raw:
         return DEFAULT_SETTING
@@ -265,7 +288,7 @@ def tuning() -> Tuning:
         return Tuning(*(int(v) for v in raw.split(",")))
     except (ValueError, TypeError):
         raise ValueError(
-            f"JAXRLHF_TOPP_TUNING={raw!r}: want 'block,groups,warps,stages,skip[,unroll[,fused_max]]'"
+            f"JAXRLHF_TOPP_TUNING={raw!r}: want 'block,groups,warps,stages,skip[,unroll[,grid[,pred]]]'"
         ) from None
 
 
@@ -306,14 +329,8 @@ def top_p_threshold(
     vocab = x.shape[-1]
     block = min(t.block, 1 << (max(vocab, 16).bit_length() - 1))  # a power of two <= V
     grid = int(bool(t.grid))
-    if grid and t.fused_max:
-        raise ValueError(f"top-p tuning {tuple(t)}: grid=1 needs the row max before pass 1 (fused_max=0)")
     t = t._replace(
-        block=block,
-        unroll=max(1, t.unroll),
-        fused_max=int(bool(t.fused_max)),
-        grid=grid,
-        skip=max(t.skip, grid),
+        block=block, unroll=max(1, t.unroll), grid=grid, skip=max(t.skip, grid), pred=int(bool(t.pred))
     )
     return _top_p_threshold(x, float(top_p), bool(interpret), t)
 
@@ -324,64 +341,49 @@ def _top_p_threshold(x, top_p, interpret, t: Tuning):
     from jax.experimental.pallas import triton as plgpu
 
     rows, vocab = x.shape
-    x = x.astype(jnp.float32)
+    x = x.astype(jnp.float32)[:, None, :]  # [B, 1, V]: a row is a [1, V] block
     n_blocks = -(-vocab // t.block)
     groups = max(1, min(t.groups, n_blocks))
     per = -(-n_blocks // groups)
     per = -(-per // t.unroll) * t.unroll  # whole iterations (blocks past the row are masked)
+    row = pl.BlockSpec((None, 1, vocab), lambda i, j: (i, 0, 0))
     rowg = pl.BlockSpec((None, groups, RADIX), lambda i, j: (i, 0, 0))
     part = pl.BlockSpec((None, None, RADIX), lambda i, j: (i, j, 0))
-    row16 = pl.BlockSpec((None, RADIX), lambda i, j: (i, 0))
     params = None if interpret else plgpu.CompilerParams(num_warps=t.warps, num_stages=t.stages)
     f32 = jax.ShapeDtypeStruct((rows, groups, RADIX), jnp.float32)
     i32 = jax.ShapeDtypeStruct((rows, groups, RADIX), jnp.int32)
-    sums = jnp.zeros((rows, groups, RADIX), jnp.float32)
-    z = sums
+    common = dict(vocab=vocab, block=t.block, per=per, unroll=t.unroll, evict=not interpret)
+    hi_x, lo_x = pl.pallas_call(
+        functools.partial(_minmax_kernel, **common),
+        grid=(rows, groups),
+        in_specs=[row],
+        out_specs=[part, part],
+        out_shape=[f32, f32],
+        compiler_params=params,
+        interpret=interpret,
+        name="jaxrlhf_top_p_minmax",
+    )(x)
+    sums = z = jnp.zeros((rows, groups, RADIX), jnp.float32)
     lo = hi = jnp.zeros((rows, groups, RADIX), jnp.int32)
-    mn = jnp.zeros((rows, RADIX), jnp.float32)
-    if t.fused_max:
-        m_g = sums  # pass 1 writes it
-    else:
-        m_g = jnp.broadcast_to(jnp.max(x, axis=-1)[:, None, None], (rows, groups, RADIX))
-    if t.grid:
-        finite_min = jnp.min(jnp.where(x > -jnp.inf, x, jnp.inf), axis=-1)
-        mn = jnp.broadcast_to(finite_min[:, None], (rows, RADIX))
-        kinds = ["grid", "after_grid"] + ["next"] * 7
-    else:
-        kinds = ["radix"] + ["next"] * 7
+    kinds = ["grid", "after_grid"] + ["next"] * 7 if t.grid else ["radix"] + ["next"] * 7
     for k, kind in enumerate(kinds):
-        fused = bool(t.fused_max) and k == 0
         kernel = functools.partial(
-            _kernel, vocab=vocab, block=t.block, per=per, unroll=t.unroll, top_p=top_p, kind=kind,
-            z_lane=RADIX - 1 if t.grid else 0, evict=not interpret, skip=k >= t.skip, fused_max=fused,
-            rescale_prev=bool(t.fused_max) and k == 1, pred=t.pred,
+            _kernel, top_p=top_p, kind=kind, z_lane=RADIX - 1 if t.grid else 0, skip=k >= t.skip,
+            pred=t.pred, **common,
         )  # fmt: skip
-        out = pl.pallas_call(
+        sums, lo, hi = pl.pallas_call(
             kernel,
             grid=(rows, groups),
-            in_specs=[
-                pl.BlockSpec((None, 1, vocab), lambda i, j: (i, 0, 0)),
-                rowg,
-                row16,
-                rowg,
-                rowg,
-                row16,
-                row16,
-            ],
-            out_specs=[part, part, part] + ([part] if fused else []),
-            out_shape=[f32, i32, i32] + ([f32] if fused else []),
+            in_specs=[row, rowg, rowg, rowg, rowg, rowg, rowg],
+            out_specs=[part, part, part],
+            out_shape=[f32, i32, i32],
             compiler_params=params,
             interpret=interpret,
             name=f"jaxrlhf_top_p_pass{k}",
-        )(x[:, None, :], m_g, mn, z, sums, lo[:, 0], hi[:, 0])
-        sums, lo, hi = out[:3]
-        if fused:
-            m_g = out[3]
+        )(x, hi_x, lo_x, z, sums, lo, hi)
         if k == 0:
             z = sums
-    m = jnp.max(m_g[:, :, 0], axis=1)
-    scale = jnp.exp(m_g[:, :, 0] - m[:, None])  # [B, G]: pass 1's partials relative to the row max
-    total = jnp.sum(z[:, :, RADIX - 1 if t.grid else 0] * scale, axis=1)
+    total = jnp.sum(z[:, :, RADIX - 1 if t.grid else 0], axis=1)
     row_sums = jnp.sum(sums, axis=1)  # [B, 16]
     lane = jnp.arange(RADIX, dtype=jnp.int32)
     tau, _, best = jax.vmap(_narrow, in_axes=(0, 0, 0, 0, None))(

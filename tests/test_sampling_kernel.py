@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxrlhf._sampling import SamplingConfig, SearchMethod, _ordered_keys, _threshold, candidates
-from jaxrlhf._sampling_kernel import _signed_keys, top_p_threshold
+from jaxrlhf._sampling_kernel import _key_float, _signed_keys, top_p_threshold
 
 
 @functools.cache
@@ -44,12 +44,12 @@ def _reference(x: np.ndarray, top_p: float):
             (128, 4, 4, 1, 8),
             (32, 3, 4, 1, 1, 2, 1),
             (256, 8, 4, 1, 3),
-            (64, 5, 4, 1, 2, 3, 1, 0, 1),
+            (64, 5, 4, 1, 2, 3, 0, 1),
             (128, 2, 4, 1, 8, 1, 1),
-            (64, 4, 4, 1, 1, 1, 0, 1),
-            (32, 3, 4, 1, 8, 2, 0, 1, 1),
+            (64, 4, 4, 1, 1, 1, 1),
+            (32, 3, 4, 1, 8, 2, 1, 1),
         ]
-    ),  # 3 or 5 groups (uneven splits), unroll 2 or 3 (blocks past the row), fused max, value grid, pred
+    ),  # 3 or 5 groups (uneven splits), unroll 2 or 3 (blocks past the row), value grid, pred
 )
 def test_kernel_threshold_equals_the_xla_search(seed, vocab, scale, levels, masked, top_p, setting):
     rs = np.random.RandomState(seed)
@@ -67,9 +67,9 @@ def test_kernel_threshold_equals_the_xla_search(seed, vocab, scale, levels, mask
 
 
 @pytest.mark.parametrize("setting", [(64, 4, 4, 1, 3, 1, 1), (64, 4, 4, 1, 8, 2, 1), (64, 4, 4, 1, 2, 2, 0)])
-def test_fused_max_with_programs_that_hold_no_finite_key(setting):
-    """Pass 1 finding each program's own max: a program whose blocks are all -inf (origin 0, weight 0) and
-    rows whose max lies in one program only give the XLA search's threshold and mass."""
+def test_programs_that_hold_no_finite_key(setting):
+    """Pass 0's per-program max / finite min with programs whose blocks are all -inf, and rows whose max
+    lies in one program only, give the XLA search's threshold and mass."""
     rs = np.random.RandomState(3)
     x = (rs.randn(4, 1000) * np.array([[0.1], [1.0], [5.0], [40.0]])).astype(np.float32)
     x[:, 250:750] = -np.inf  # programs 1 and 2 of 4 (256 keys each) see no finite key
@@ -80,10 +80,13 @@ def test_fused_max_with_programs_that_hold_no_finite_key(setting):
     np.testing.assert_allclose(np.asarray(mass), (p * kept).sum(1), rtol=2e-6)
 
 
-@pytest.mark.parametrize("case", ["flat", "peaked", "one_token", "ties", "constant", "outlier_min", "masked"])
+@pytest.mark.parametrize(
+    "case", ["flat", "peaked", "one_token", "ties", "constant", "outlier_min", "masked", "signed_zeros"]
+)
 def test_value_grid_first_pass_finds_the_threshold(case):
-    """grid=1: the first pass' 16 values over [min, max] and the radix digits of its bracket (of any
-    width: one key, a few bits, all 32) give the XLA search's threshold and the nucleus mass."""
+    """grid=1: the first pass' 16 values over [min, max] and 16-way splits of its bracket (of any width: one
+    key, a few, most of the 2^32) give the XLA search's threshold and the nucleus mass (the radix passes
+    too, last setting)."""
     rs = np.random.RandomState(11)
     x = rs.randn(3, 700).astype(np.float32)
     x = {
@@ -94,18 +97,16 @@ def test_value_grid_first_pass_finds_the_threshold(case):
         "constant": np.full_like(x, 1.5),  # min == max: a zero grid step
         "outlier_min": np.where(np.arange(700) == 9, -3e38, x).astype(np.float32),  # a coarse grid
         "masked": np.where(rs.rand(3, 700) < 0.5, -np.inf, x).astype(np.float32),
+        "signed_zeros": np.where(
+            rs.rand(3, 700) < 0.4, np.float32(-0.0), np.where(rs.rand(3, 700) < 0.5, 0.0, x * 1e-3)
+        ).astype(np.float32),  # +0 / -0 (one key) at the bracket's ends
     }[case]
     x[:, 0] = np.maximum(x[:, 0], 0.0)
-    for setting in [(64, 4, 4, 1, 1, 1, 0, 1), (64, 4, 4, 1, 8, 2, 0, 1)]:
+    for setting in [(64, 4, 4, 1, 1, 1, 1), (64, 4, 4, 1, 8, 2, 1, 1), (64, 4, 4, 1, 2, 2, 0)]:
         tau, mass = _kernel(0.9, setting)(jnp.asarray(x))
         want, keys, kept, p = _reference(x, 0.9)
         np.testing.assert_array_equal(np.asarray(tau), want)
         np.testing.assert_allclose(np.asarray(mass), (p * kept).sum(1), rtol=2e-6)
-
-
-def test_value_grid_refuses_a_fused_max():
-    with pytest.raises(ValueError, match="grid=1 needs the row max"):
-        top_p_threshold(jnp.zeros((2, 64)), 0.9, interpret=True, setting=(32, 2, 4, 1, 3, 1, 1, 1))
 
 
 def test_signed_keys_order_like_the_unsigned_keys():
@@ -154,3 +155,29 @@ def test_a_kernel_that_does_not_compile_is_logged_and_reported_unavailable(monke
     with caplog.at_level("WARNING", logger="jaxrlhf.sampling"):
         assert sk.available() is False
     assert "do not compile here" in caplog.text and "64, 2, 4, 1, 3" in caplog.text
+
+
+def test_float_compares_equal_key_compares():
+    """The kernels compare floats: for every non-NaN f32 x and int32 key k (NaN bit patterns, the key -1 of
+    no float too) ``x >= _key_float(k)`` <=> ``key(x) >= k``. Subnormal keys are left out: XLA:CPU flushes
+    them to zero in compares (a GPU compare keeps them; benchmarks/topp_kernel_gpu.py checks rows of
+    subnormals on the GPU)."""
+    tiny = np.finfo(np.float32).tiny
+    special = [0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, 3.4e38, -3.4e38, tiny, -tiny, 0.5, -0.5]
+    x = np.concatenate(
+        [np.asarray(special, np.float32), np.random.RandomState(1).randn(100).astype(np.float32)]
+    )
+    kx = np.asarray(_signed_keys(jnp.asarray(x)))
+    ks = np.concatenate(
+        [kx.astype(np.int64) + d for d in (0, 1, -1)]
+        + [
+            np.asarray([-(2**31), 2**31 - 1, -2139095041, -2139095042, -2139095040, 0x7F800000, 0x7F800001]),
+            np.random.RandomState(2).randint(-(2**31), 2**31 - 1, 400),
+        ]
+    )
+    ks = np.clip(ks, -(2**31), 2**31 - 1).astype(np.int32)
+    mag = np.where(ks >= 0, ks, ks ^ np.int32(0x7FFFFFFF)) & np.int32(0x7FFFFFFF)  # |float| bits of each key
+    ks = ks[(mag == 0) | (mag >= 0x00800000)]
+    f = np.asarray(_key_float(jnp.asarray(ks)))
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(x[:, None] >= f[None, :], kx[:, None] >= ks[None, :])
