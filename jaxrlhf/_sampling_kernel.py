@@ -1,4 +1,4 @@
-"""The top-p threshold search as GPU kernels (Pallas, Triton backend): 8 or 9 passes over the row, no sort.
+"""The top-p threshold search as GPU kernels (Pallas, Triton): a min/max pass, then 8 or 9 passes, no sort.
 
 Shapes: B rows, V vocabulary, G programs per row (each a contiguous run of blocks), 16 candidates a pass.
 
@@ -22,11 +22,12 @@ one key does nothing but pass ``S(t)`` on.
 
 Why kernels: in XLA each pass is a 15-output reduction that reads the keys and the probabilities (64 MB at
 [64, 128256]) plus the second-stage reduction XLA adds for 128k-long rows, ~41 us a pass on an H200
-(benchmarks/RESULTS.md, 2026-12-04). Here a pass reads only the logits (keys and weights are recomputed in
-registers), each of the ``B x G`` programs accumulates a ``[16, block]`` tile of compare-selects, writes
-its 16 partial sums, and the next pass starts by reducing its row's ``[G, 16]`` partials and picking the digit
-itself, so a pass is one kernel and nothing else. The logits are loaded with ``evict_last`` so the 8 passes
-find them in L2 (32.8 MB at [64, 128256] f32).
+(benchmarks/RESULTS.md, 2026-12-04). Here a pass reads only the logits (weights are recomputed in registers,
+keys are compared as floats), each of the ``B x G`` programs accumulates a ``[16, block]`` tile of
+compare-selects, writes its 16 partial sums, and the next pass starts by reducing its row's ``[G, 16]``
+partials and narrowing the bracket itself, so a pass is one kernel and nothing else. Loads are
+``evict_last`` (32.8 MB at [64, 128256] f32) and ``unroll`` blocks at a time: with one block in flight per
+program a pass is bound by load latency (~1 TB/s on an H100, 2026-12-07), however little it computes.
 
 The sums are f32 in a different order than XLA's reduction, so on nearly flat rows a boundary token can move
 when two sums straddle the target by less than their rounding (the same as any two summation orders); the
