@@ -123,20 +123,17 @@ def _grid(m: jax.Array, mn: jax.Array, lane: jax.Array) -> jax.Array:
 
 
 def _bracket_after_grid(
-    sums: jax.Array, target: jax.Array, m: jax.Array, mn: jax.Array, lane: jax.Array
+    sums: jax.Array, target: jax.Array, keys: jax.Array, lane: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(lo, hi, j*)``: the bracket of keys (uint32 bits in int32) holding the threshold after the grid
-    pass' sums ``S(c_j)`` (non-decreasing in j; ``S(c_15) = Z``): with ``j*`` the smallest j whose sum
-    reaches the target, ``[K(c_j*), K(c_j*-1) - 1]`` (``[K(m), K(m)]`` for ``j* = 0``)."""
-    c = _grid(m, mn, lane)
+    pass' sums ``S(c_j)`` (non-decreasing in j; ``S(c_15) = Z``) at its candidates' signed keys ``keys``
+    [16] (written by that pass, so the bracket is the one it summed, whatever its float rounding): with
+    ``j*`` the smallest j whose sum reaches the target, ``[K(c_j*), K(c_j*-1) - 1]`` (``[K(m), K(m)]`` for
+    ``j* = 0``, ``c_0 = m``)."""
     jstar = jnp.min(jnp.where(sums >= target, lane, RADIX - 1))
-    lo_c = jnp.max(jnp.where(lane == jstar, c, -jnp.inf))
-    hi_c = jnp.max(jnp.where(lane == jstar - 1, c, -jnp.inf))
-    kl = _signed_keys(lo_c) ^ jnp.int32(_INT_MIN)
-    kh = jnp.where(
-        jstar == 0, _signed_keys(m) ^ jnp.int32(_INT_MIN), (_signed_keys(hi_c) ^ jnp.int32(_INT_MIN)) - 1
-    )
-    return kl, kh, jstar
+    kl = jnp.max(jnp.where(lane == jstar, keys, _INT_MIN)) ^ jnp.int32(_INT_MIN)
+    above = jnp.max(jnp.where(lane == jstar - 1, keys, _INT_MIN)) ^ jnp.int32(_INT_MIN)
+    return kl, jnp.where(jstar == 0, kl, above - 1), jstar
 
 
 def _add_where(p: jax.Array, acc: jax.Array, w: jax.Array, pred: int) -> jax.Array:
@@ -192,8 +189,9 @@ def _kernel(
     x_ref [1, V] f32 (the row); max_ref / min_ref [G, 16] (pass 0's maxima and finite minima of this row's
     programs: ``m``, ``mn`` = their max / min); z_ref / prev_ref [G, 16] (pass 1's and the last pass' partial
     sums of this row; ``Z`` = pass 1's lane ``z_lane``); lo_ref / hi_ref [G, 16] int32 (the last pass'
-    bracket of keys ``[lo, hi]``, uint32 bits, the same in every entry); writes out_ref [16] (this program's
-    partial sums) and lo_out_ref / hi_out_ref [16] (this pass' bracket).
+    bracket of keys ``[lo, hi]``, uint32 bits, the same in every entry; after the grid pass lo holds its 16
+    candidates' signed keys); writes out_ref [16] (this program's partial sums) and lo_out_ref / hi_out_ref
+    [16] (this pass' bracket).
 
     ``kind``: "radix" (the first pass of the radix search: bracket = every key), "grid" (a first pass whose
     candidates are 16 values spread over ``[mn, m]``, :func:`_grid`), "after_grid" (the bracket from the grid
@@ -223,13 +221,14 @@ def _kernel(
         prev = jnp.sum(parts, axis=0)
 
     if kind == "grid":
-        cand = _grid(m, jnp.min(min_ref[...]), lane2)  # [16, 1] floats
+        grid_c = _grid(m, jnp.min(min_ref[...]), lane)  # [16] floats; their keys go to the next pass
+        cand = grid_c[:, None]  # [16, 1]
         lo, hi = jnp.int32(0), jnp.int32(-1)  # (the grid pass never skips)
     else:
         if kind == "radix":
             lo, hi = jnp.int32(0), jnp.int32(-1)
         elif kind == "after_grid":
-            lo, hi, sel = _bracket_after_grid(prev, target, m, jnp.min(min_ref[...]), lane)
+            lo, hi, sel = _bracket_after_grid(prev, target, jnp.max(lo_ref[...], axis=0), lane)
         else:  # "next": narrow the last bracket to the candidate its sums pick
             lo, hi, sel = _narrow(jnp.max(lo_ref[...]), jnp.max(hi_ref[...]), prev, target, lane)
         cand_keys = (lo + lane2 * _step(lo, hi)) ^ jnp.int32(_INT_MIN)  # [16, 1]: signed images
@@ -275,7 +274,8 @@ def _kernel(
         return jnp.where(lane == 0, mine, 0.0)
 
     out_ref[...] = run(None) if first else jax.lax.cond(lo != hi, run, found, None)
-    lo_out_ref[...] = jnp.broadcast_to(lo, (RADIX,))
+    # the grid pass hands its candidates' keys on (lane j: c_j) instead of a bracket
+    lo_out_ref[...] = _signed_keys(grid_c) if kind == "grid" else jnp.broadcast_to(lo, (RADIX,))
     hi_out_ref[...] = jnp.broadcast_to(hi, (RADIX,))
 
 
