@@ -41,28 +41,25 @@ SETTINGS = [  # block, groups, warps, stages, skip[, unroll[, grid[, pred]]]
 
 
 def floor_kernel(x: jax.Array, block: int, groups: int, warps: int, what: str) -> jax.Array:
-    """Diagnostic (not a threshold): one pass with the kernels' grid and loads doing only ``what`` per key,
-    "read" (sum x) or "exp" (sum of exp(x - m) over keys >= 0: the loads, weights and keys of a pass
-    without the 16 compares), to tell a pass' memory / latency floor from its compute."""
+    """Diagnostic (not a threshold): one pass with the kernels' grid and loads (``_blocks``, one block per
+    iteration) doing only ``what`` per key, "read" (sum x) or "exp" (sum of exp(x - m) over keys >= 0: the
+    loads, weights and int keys of a pass without the 16 compares), to tell a pass' memory / latency floor
+    from its compute."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
-    from jaxrlhf._sampling_kernel import _signed_keys
+    from jaxrlhf._sampling_kernel import _blocks, _signed_keys
 
     rows, vocab = x.shape
     n_blocks = -(-vocab // block)
     per = -(-n_blocks // groups)
 
     def kernel(x_ref, m_ref, o_ref):
-        g = pl.program_id(1)
-        offs = jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
+        load = _blocks(x_ref, pl.program_id(1), vocab=vocab, block=block, per=per, unroll=1, evict=True)
         m = jnp.max(m_ref[...])
 
         def body(i, acc):
-            c = g * per + i
-            start = jnp.minimum(c * block, vocab - block)
-            keep = ((start + offs) >= c * block) & (c < n_blocks)
-            v = plgpu.load(x_ref.at[:, pl.ds(start, block)], eviction_policy="evict_last")
+            ((keep, v),) = load(i)
             if what == "read":
                 return acc + jnp.where(keep, v, 0.0)
             return acc + jnp.where(keep & (_signed_keys(v) >= 0), jnp.exp(v - m), 0.0)
@@ -81,7 +78,7 @@ def floor_kernel(x: jax.Array, block: int, groups: int, warps: int, what: str) -
         out_shape=jax.ShapeDtypeStruct((rows, groups, 16), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
     )(x[:, None, :], m)
-    return out[:, 0, 0]
+    return out[:, :, 0].sum(axis=1)
 
 
 def timed(f, x, iters: int) -> float:

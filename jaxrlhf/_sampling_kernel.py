@@ -160,9 +160,9 @@ def _blocks(x_ref, g, *, vocab, block, per, unroll, evict):
     return lambda i: [one(g * per + i * unroll + r) for r in range(unroll)]
 
 
-def _minmax_kernel(x_ref, max_ref, min_ref, *, vocab, block, per, unroll, evict):
-    """Pass 0, program (b, g): the max and the smallest finite value of its blocks (-inf / +inf if none),
-    broadcast into max_ref / min_ref [16]."""
+def _minmax_kernel(x_ref, max_ref, min_ref, *, vocab, block, per, unroll, evict, with_min):
+    """Pass 0, program (b, g): the max and (``with_min``: the grid pass needs it) the smallest finite value
+    of its blocks (-inf / +inf if none), broadcast into max_ref / min_ref [16]."""
     from jax.experimental import pallas as pl
 
     load = _blocks(x_ref, pl.program_id(1), vocab=vocab, block=block, per=per, unroll=unroll, evict=evict)
@@ -171,7 +171,8 @@ def _minmax_kernel(x_ref, max_ref, min_ref, *, vocab, block, per, unroll, evict)
         hi, lo = carry
         for keep, x in load(i):
             hi = jnp.maximum(hi, jnp.where(keep, x, -jnp.inf))
-            lo = jnp.minimum(lo, jnp.where(keep & (x > -jnp.inf), x, jnp.inf))
+            if with_min:
+                lo = jnp.minimum(lo, jnp.where(keep & (x > -jnp.inf), x, jnp.inf))
         return hi, lo
 
     init = (jnp.full((1, block), -jnp.inf, jnp.float32), jnp.full((1, block), jnp.inf, jnp.float32))
@@ -220,16 +221,15 @@ def _kernel(
         parts = prev_ref[...]  # [G, 16]
         prev = jnp.sum(parts, axis=0)
 
+    if first:
+        lo, hi = jnp.int32(0), jnp.int32(-1)  # every key (the grid pass, which never skips, ignores it)
     if kind == "grid":
         grid_c = _grid(m, jnp.min(min_ref[...]), lane)  # [16] floats; their keys go to the next pass
         cand = grid_c[:, None]  # [16, 1]
-        lo, hi = jnp.int32(0), jnp.int32(-1)  # (the grid pass never skips)
     else:
-        if kind == "radix":
-            lo, hi = jnp.int32(0), jnp.int32(-1)
-        elif kind == "after_grid":
+        if kind == "after_grid":
             lo, hi, sel = _bracket_after_grid(prev, target, jnp.max(lo_ref[...], axis=0), lane)
-        else:  # "next": narrow the last bracket to the candidate its sums pick
+        elif kind == "next":  # narrow the last bracket to the candidate its sums pick
             lo, hi, sel = _narrow(jnp.max(lo_ref[...]), jnp.max(hi_ref[...]), prev, target, lane)
         cand_keys = (lo + lane2 * _step(lo, hi)) ^ jnp.int32(_INT_MIN)  # [16, 1]: signed images
         cand = _key_float(cand_keys)  # x >= cand <=> key >= cand_key
@@ -355,7 +355,7 @@ def _top_p_threshold(x, top_p, interpret, t: Tuning):
     i32 = jax.ShapeDtypeStruct((rows, groups, RADIX), jnp.int32)
     common = dict(vocab=vocab, block=t.block, per=per, unroll=t.unroll, evict=not interpret)
     hi_x, lo_x = pl.pallas_call(
-        functools.partial(_minmax_kernel, **common),
+        functools.partial(_minmax_kernel, with_min=bool(t.grid), **common),
         grid=(rows, groups),
         in_specs=[row],
         out_specs=[part, part],
